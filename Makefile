@@ -1,0 +1,24 @@
+# The two commands a new user needs (README): `make quickstart` and `make test`.
+# Each creates .venv and installs everything on a fresh machine; later runs reuse it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/quickstart
+
+.PHONY: setup quickstart test test-fast clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/setup.sh
+	bash .ci/setup.sh $(VENV)
+	touch $@
+
+quickstart: setup
+	$(PY) -m align quickstart --out $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

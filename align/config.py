@@ -1,0 +1,235 @@
+"""The recipe schema: one pydantic model per concept, each field documented once.
+
+A recipe is YAML (read with `yaml.safe_load`) validated strictly before any model is loaded:
+unknown keys are rejected with a "did you mean" and the YAML path and line; wrong types name the
+value and the expected type; missing files name the path. `align recipe check RECIPE` prints the
+resolved recipe. Reward and rollout sections are owned by their packages (`rewards.config`,
+`rollout.config`) and only composed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rewards.config import RewardSpec
+from rollout.config import RolloutConfig
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelSpec(Strict):
+    """Build the tiny offline model into `model.path` when it does not exist yet."""
+
+    size: Literal["nano", "tiny", "small", "medium"] = "tiny"
+    arch: Literal["qwen2", "deepseek_v2"] = "qwen2"
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    path: str = Field(description="Hugging Face model directory (local; no hub access at run time).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = Field(False, description="Run the model's own Python code. Off by default.")
+    allow_pickle_weights: bool = Field(
+        False, description="Accept .bin/.pt weights (loaded with weights_only). safetensors otherwise.")
+    tiny: TinyModelSpec | None = Field(None, description="Build a tiny model at `path` if missing.")
+
+
+class SynthSpec(Strict):
+    """A synthetic data file the pipeline generates before the stages run (`align data synth`)."""
+
+    kind: Literal["math", "chat", "preference", "prompts"]
+    n: int = Field(gt=0)
+    seed: int = 0
+    out: str
+    form: Literal["conversations", "prompts"] | None = None
+    split: str | None = Field(None, description="Pass-through to the generator (e.g. held-out).")
+
+
+class DataSource(Strict):
+    """One data file in a mixture. `weight` sets its share; `count` takes exactly that many rows."""
+
+    path: str
+    name: str | None = None
+    weight: float | None = Field(None, gt=0)
+    count: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "DataSource":
+        if self.weight is not None and self.count is not None:
+            raise ValueError("set either `weight` or `count` for a data source, not both")
+        return self
+
+
+def _sources(value: Any) -> Any:
+    """Accept a bare path or a list of paths as shorthand for a list of DataSource."""
+    if isinstance(value, str):
+        return [{"path": value}]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = 32
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge_on_save: bool = Field(True, description="final/ holds merged weights (loads anywhere).")
+
+
+class StageBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    init: str = Field("model", description="`model`, the name of an earlier stage, or a model directory.")
+    seed: int | None = Field(None, description="Defaults to the recipe's seed.")
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate (DeepSeek-V2 SFT: 5e-6).")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set.")
+    per_device_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    bf16: bool | Literal["auto"] = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept besides final/.")
+    logging_steps: int = Field(1, gt=0)
+
+
+class SFTStage(StageBase):
+    kind: Literal["sft"]
+    data: Annotated[list[DataSource], Field(min_length=1)]
+    eval_data: list[DataSource] = []
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Held-out share when eval_data is empty.")
+    max_seq_len: int = Field(1024, gt=8)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+    assistant_only_loss: bool = True
+    moe_aux_loss_coef: float = Field(0.0, ge=0, description="Expert balance loss (DeepSeek-V2: 0.003).")
+
+    _coerce_data = field_validator("data", "eval_data", mode="before")(_sources)
+
+
+class RewardModelStage(StageBase):
+    kind: Literal["reward_model"]
+    data: Annotated[list[DataSource], Field(min_length=1)]
+    eval_split: float = Field(0.1, ge=0, lt=1)
+    max_seq_len: int = Field(512, gt=8)
+    center_rewards_coefficient: float | None = None
+
+    _coerce_data = field_validator("data", mode="before")(_sources)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(256, gt=0)
+    stop: list[str] = []
+
+
+class GRPOStage(StageBase):
+    """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, no critic.
+
+    DeepSeekMath's settings: group_size 64, lr 1e-6, beta 0.04, max length 1024, 1024 samples
+    per step (`prompts_per_step` × `group_size`), one policy update per batch (num_iterations 1).
+    """
+
+    kind: Literal["grpo"]
+    prompts: Annotated[list[DataSource], Field(min_length=1)]
+    eval_prompts: list[DataSource] = []
+    rewards: Annotated[list[RewardSpec], Field(min_length=1)]
+    group_size: int = Field(8, ge=2)
+    prompts_per_step: int = Field(8, gt=0)
+    num_iterations: int = Field(1, gt=0, description="μ: policy updates per generated batch.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient; 0 loads no reference model.")
+    epsilon_low: float = Field(0.2, gt=0)
+    epsilon_high: float = Field(0.2, gt=0)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    importance_sampling_cap: float | None = Field(
+        None, gt=0, description="Truncated IS correction for engine-vs-trainer logprob mismatch.")
+    mask_truncated: bool = False
+    reference: Literal["frozen_copy", "lora_disabled"] = "frozen_copy"
+    max_prompt_len: int = Field(512, gt=0)
+    sampling: SamplingConfig = SamplingConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    offload: bool = Field(False, description="Offload trainer state to CPU while the engine generates.")
+    routing_replay: bool = False
+    max_reward_failure_rate: float = Field(0.5, ge=0, le=1)
+
+    _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "GRPOStage":
+        if self.reference == "lora_disabled" and self.lora is None and self.beta > 0:
+            raise ValueError("reference: lora_disabled needs a `lora` section; "
+                             "set reference: frozen_copy or add lora: {r: 16}")
+        return self
+
+
+Stage = Annotated[Union[SFTStage, RewardModelStage, GRPOStage], Field(discriminator="kind")]
+
+
+class LoggingConfig(Strict):
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = ["tensorboard"]
+    plots: bool = True
+
+
+class Recipe(Strict):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    model: ModelConfig
+    synth: list[SynthSpec] = []
+    stages: Annotated[list[Stage], Field(min_length=1)]
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> "Recipe":
+        seen: set[str] = set()
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}].name: {stage.name!r} is used twice; names must be unique")
+            if stage.init != "model" and stage.init not in seen and not _looks_like_path(stage.init):
+                hint = f"one of {sorted(seen)}, " if seen else ""
+                raise ValueError(f"stages[{i}].init: {stage.init!r} is not an earlier stage; "
+                                 f"use {hint}`model`, or a model directory")
+            seen.add(stage.name)
+        return self
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def stage_seed(self, stage: StageBase) -> int:
+        return self.seed if stage.seed is None else stage.seed
+
+    def stage_hash(self, name: str) -> str:
+        """Hash of what determines a stage's result: its own config, the model and the stages it
+        starts from. A changed hash for a finished stage is reported, never silently reused."""
+        chain, stage = [], self.stage(name)
+        while True:
+            chain.append(stage.model_dump(mode="json"))
+            if stage.init == "model" or _looks_like_path(stage.init):
+                break
+            stage = self.stage(stage.init)
+        payload = {"model": self.model.model_dump(mode="json"), "seed": self.seed, "stages": chain}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.startswith(".")

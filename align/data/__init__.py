@@ -1,0 +1,1 @@
+"""Conversation and prompt data: schema, validation, synthetic generators, tokenisation."""

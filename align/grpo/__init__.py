@@ -1,0 +1,1 @@
+"""GRPO: advantages, losses, batch type and trainer."""
