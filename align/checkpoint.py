@@ -232,3 +232,29 @@ def load_checkpoint(path: str | Path, *, optimizer=None, scheduler=None, rank: i
     if rng_file.exists():
         set_rng_state(load_file(rng_file), json.loads((path / f"rng_rank{rank}.json").read_text()))
     return {"step": meta["step"], **meta["state"]}
+
+
+def save_final(stage_dir: str | Path, *, model: torch.nn.Module, tokenizer, accelerator=None,
+               merge_lora: bool = True) -> Path:
+    """Atomically write `<stage_dir>/final/`: a plain Hugging Face model directory. A LoRA model
+    is merged first when `merge_lora` (so transformers, vLLM and lm-eval load it as is)."""
+    stage_dir = Path(stage_dir)
+    final = stage_dir / "final"
+    is_main = accelerator is None or accelerator.is_main_process
+    sd = accelerator.get_state_dict(model) if accelerator is not None else None
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    if is_main:
+        tmp = stage_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if merge_lora and hasattr(unwrapped, "merge_and_unload"):
+            unwrapped, sd = unwrapped.merge_and_unload(), None
+        try:
+            save_model_dir(tmp, unwrapped, tokenizer, sd)
+            commit_dir(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AlignError(f"could not write {final}: {exc.strerror or exc}; free disk space and "
+                             "rerun the same command (it resumes from the last checkpoint)") from None
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,50 @@
+"""What the pipeline hands a stage, and what a stage hands back.
+
+Each stage kind lives in its own module with one entry point `run(ctx) -> StageResult`
+(align.sft, align.reward_model, align.grpo.trainer); the pipeline looks the kind up and never
+special-cases it.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.config import Recipe, Stage
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    stage: Stage
+    stage_dir: Path  # <output_dir>/<stage.name>
+    init_model: Path  # HF directory the stage starts from (the base model or an earlier final/)
+    resume_from: Path | None = None  # a checkpoint-<step> of this stage to continue from
+    accelerator: Any = None  # accelerate.Accelerator, created by the pipeline
+    stop: "StopFlag" = field(default_factory=lambda: StopFlag())
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.stage_seed(self.stage)
+
+
+@dataclass
+class StageResult:
+    final: Path  # <stage_dir>/final, a Hugging Face model directory
+    summary: dict[str, Any]  # one-screen numbers: losses, accuracies, timings
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; training loops check it between steps, save, and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        self.requested = True
