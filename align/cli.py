@@ -7,6 +7,7 @@ Sub-command groups live next to the code they drive (align.data.cli, rewards.cli
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -31,6 +32,27 @@ def _register_subapps() -> None:
 
 
 _register_subapps()
+
+
+@app.command("train")
+def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+          set_: list[str] = typer.Option([], "--set", help="Override a key: --set stages.0.lr=1e-5"),
+          only: str | None = typer.Option(None, "--only", help="Run just this stage."),
+          start: str | None = typer.Option(None, "--from", help="Rerun from this stage on."),
+          dry_run: bool = typer.Option(False, "--dry-run",
+                                       help="Resolve and print steps, tokens and memory; load no weights.")) -> None:
+    """Run a recipe's stages in order; rerunning resumes where it stopped."""
+    from align.recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_, check_files=not dry_run)
+    if dry_run:
+        from align.plan import print_plan
+
+        print_plan(resolved)
+        return
+    from align.pipeline import run_pipeline
+
+    run_pipeline(resolved, only=only, start=start)
 
 
 def main() -> None:

@@ -41,17 +41,19 @@ class ModelConfig(Strict):
     allow_pickle_weights: bool = Field(
         False, description="Accept .bin/.pt weights (loaded with weights_only). safetensors otherwise.")
     tiny: TinyModelSpec | None = Field(None, description="Build a tiny model at `path` if missing.")
+    config: str | None = Field(
+        None, description="A config.json that `--dry-run` reads when `path` is not downloaded yet.")
 
 
 class SynthSpec(Strict):
     """A synthetic data file the pipeline generates before the stages run (`align data synth`)."""
 
-    kind: Literal["math", "chat", "preference", "prompts"]
+    kind: Literal["math", "chat", "preference"]
     n: int = Field(gt=0)
     seed: int = 0
     out: str
-    form: Literal["conversations", "prompts"] | None = None
-    split: str | None = Field(None, description="Pass-through to the generator (e.g. held-out).")
+    form: Literal["conversations", "prompts", "preferences"] | None = None
+    safety_share: float = Field(0.2, ge=0, le=1)
 
 
 class DataSource(Strict):

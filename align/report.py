@@ -1,0 +1,95 @@
+"""What a user sees at the end of a stage and of a run: a one-screen table and PNG plots."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from align.tracking import read_metrics
+
+# Metric families plotted in their own panel, in this order; anything else numeric goes after.
+PANELS = ("loss", "eval_loss", "reward", "kl", "accuracy", "grad_norm", "lr", "completion_len")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def print_stage_summary(console, name: str, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"stage {name}: summary", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+def print_run_summary(console, stages: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="run summary", header_style="bold")
+    for col in ("stage", "kind", "status", "key results", "final checkpoint"):
+        table.add_column(col)
+    for name, entry in stages.items():
+        summary = entry.get("summary", {})
+        keys = [k for k in summary if any(w in k for w in ("accuracy", "loss", "reward", "refusal", "win"))]
+        table.add_row(name, entry.get("kind", ""), entry.get("status", ""),
+                      "; ".join(f"{k}={_fmt(summary[k])}" for k in keys[:4]), entry.get("final", ""))
+    console.print(table)
+
+
+def _panel_of(key: str) -> str:
+    for panel in PANELS:
+        if key == panel or key.startswith(panel + "/") or key.startswith(panel + "_") \
+                or f"/{panel}" in key:
+            return panel
+    return key.split("/")[0]
+
+
+def plot_stage(stage_dir: str | Path) -> Path | None:
+    """Write `<stage_dir>/metrics.png`: one panel per metric family, x = step."""
+    rows = read_metrics(stage_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                series[_panel_of(key)][key].append((row["step"], float(value)))
+    order = [p for p in PANELS if p in series] + sorted(p for p in series if p not in PANELS)
+    order = order[:12]
+    if not order:
+        return None
+    cols = min(3, len(order))
+    nrows = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, order):
+        for key, points in sorted(series[panel].items()):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=key, marker="." if len(xs) < 30 else None)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(series[panel]) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    fig.suptitle(Path(stage_dir).name)
+    fig.tight_layout()
+    out = Path(stage_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
