@@ -19,6 +19,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 def _register_subapps() -> None:
     from align.data.cli import app as data_app
+    from align.evaluate.cli import eval_command
     from align.models.cli import app as model_app
     from align.recipe_cli import app as recipe_app
     from rewards.cli import app as rewards_app
@@ -29,6 +30,7 @@ def _register_subapps() -> None:
     app.add_typer(model_app, name="model", help="Build tiny offline models.")
     app.add_typer(rewards_app, name="rewards", help="List and try reward functions.")
     app.add_typer(rollout_app, name="rollout", help="Serve rollout workers.")
+    app.command("eval")(eval_command)
 
 
 _register_subapps()

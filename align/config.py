@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rewards.config import RewardSpec
+from rewards.config import RewardsConfig, RewardSpec
 from rollout.config import RolloutConfig
 
 
@@ -169,7 +169,7 @@ class GRPOStage(StageBase):
     rollout: RolloutConfig = RolloutConfig()
     offload: bool = Field(False, description="Offload trainer state to CPU while the engine generates.")
     routing_replay: bool = False
-    max_reward_failure_rate: float = Field(0.5, ge=0, le=1)
+    reward_isolation: RewardsConfig = RewardsConfig()
 
     _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
 

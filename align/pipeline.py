@@ -20,6 +20,7 @@ from align.checkpoint import latest_checkpoint, write_text_atomic
 from align.config import Recipe, SynthSpec
 from align.errors import AlignError
 from align.stage import StageContext, StageResult, StopFlag
+from align.train_utils import TrainingInterrupted
 
 # kind → module with `run(ctx) -> StageResult`; imported only when a stage of that kind runs.
 RUNNERS = {"sft": "align.sft", "reward_model": "align.reward_model", "grpo": "align.grpo.trainer"}
@@ -157,13 +158,13 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
                             started=time.strftime("%Y-%m-%dT%H:%M:%S"))
             manifest.save(recipe)
         console.rule(f"stage {name} ({stage.kind})" + (f" — resuming from {resume.name}" if resume else ""))
-        result = importlib.import_module(RUNNERS[stage.kind]).run(ctx)
-        if stop.requested:
+        try:
+            result = importlib.import_module(RUNNERS[stage.kind]).run(ctx)
+        except TrainingInterrupted:
             if _is_main():
                 manifest.update(name, status="stopped", checkpoint=str(latest_checkpoint(stage_dir)))
                 manifest.save(recipe)
-            raise AlignError(f"stopped by signal during stage {name!r}; its last checkpoint is "
-                             f"{latest_checkpoint(stage_dir)}. Run the same command again to resume.")
+            raise
         if _is_main():
             manifest.update(name, status="done", final=str(result.final), summary=result.summary,
                             finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # keep `align --help` free of the torch import
+    import torch
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Sample:
     finish_reason: Literal["stop", "length"]
     weight_version: int = 0  # version of the weights that produced it (staleness accounting)
     # MoE routing replay: per completion token, per MoE layer, the experts chosen (or None).
-    routes: torch.Tensor | None = field(default=None, repr=False)
+    routes: "torch.Tensor | None" = field(default=None, repr=False)
 
 
 @runtime_checkable
@@ -51,7 +52,7 @@ class RolloutEngine(Protocol):
         """Return, for each prompt, `n` samples (the GRPO group), in prompt order."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: "Iterable[tuple[str, torch.Tensor]]") -> None:
         """Load new policy weights (HF names, full unsharded tensors); bumps weight_version."""
         ...
 

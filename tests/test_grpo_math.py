@@ -1,0 +1,317 @@
+"""GRPO maths against numbers worked out by hand on tiny tensors (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.errors import AlignError
+from align.grpo.advantages import ADVANTAGES
+from align.grpo.batch import GRPOBatch, mask_after_eos, mask_truncated
+from align.grpo.kl import KL_ESTIMATORS
+from align.grpo.logprobs import completion_logprobs, token_logprobs
+from align.grpo.loss import LOSS_AGGREGATIONS, policy_loss, rollout_is_weights
+from align.grpo.metrics import completion_metrics, reward_metrics
+from align.grpo.registry import Registry
+
+LN2 = math.log(2.0)
+
+# ----------------------------------------------------------------------------------- advantages
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of G = 4
+
+
+def test_group_advantages_by_hand():
+    # group 1: mean 0.5, deviations ±0.5, unbiased var = 4·0.25/3 = 1/3, std = 0.577350
+    #   A = ±0.5 / (0.577350 + 1e-4) = ±0.865875
+    # group 2: all 2.0 -> std 0 -> A exactly 0, and it counts as a zero-std group (1 of 2)
+    adv, metrics = ADVANTAGES.get("group")(REWARDS, group_size=4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+    assert torch.equal(adv[4:], torch.zeros(4))
+    assert metrics["advantage/zero_std_frac"].item() == 0.5
+    assert metrics["advantage/unscored_frac"].item() == 0.0
+
+
+def test_batch_and_none_advantages_by_hand():
+    # batch std of all 8: mean 1.25; squared deviations .0625+1.5625+1.5625+.0625+4·.5625 = 5.5;
+    #   unbiased var 5.5/7 = 0.785714, std 0.886405 -> A = ±0.5 / (0.886405 + 1e-4) = ±0.564010
+    adv, _ = ADVANTAGES.get("batch")(REWARDS, group_size=4)
+    a = 0.5 / (math.sqrt(5.5 / 7) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+    # none (Dr. GRPO): r - group mean, no division
+    adv, _ = ADVANTAGES.get("none")(REWARDS, group_size=4)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_nan_reward_is_excluded_and_gets_zero_advantage():
+    # group 1 scored [1, 0, 0]: mean 1/3, deviations 2/3, -1/3, -1/3, squares sum 6/9,
+    #   unbiased var (6/9)/2 = 1/3, std 0.577350 -> A = (2/3)/(std+1e-4), (-1/3)/(std+1e-4); NaN -> 0
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 0.0, 3.0, 3.0, 3.0, 3.0])
+    adv, metrics = ADVANTAGES.get("group")(rewards, group_size=4)
+    s = math.sqrt(1 / 3) + 1e-4
+    torch.testing.assert_close(adv, torch.tensor([2 / 3 / s, 0, -1 / 3 / s, -1 / 3 / s, 0, 0, 0, 0]))
+    assert metrics["advantage/unscored_frac"].item() == 1 / 8
+
+
+def test_group_of_one_and_all_nan_group_have_zero_advantage():
+    adv, metrics = ADVANTAGES.get("group")(torch.tensor([1.0, 5.0, -2.0]), group_size=1)
+    assert torch.equal(adv, torch.zeros(3)) and metrics["advantage/zero_std_frac"].item() == 1.0
+    adv, _ = ADVANTAGES.get("none")(torch.tensor([float("nan")] * 2 + [0.0, 1.0]), group_size=2)
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -0.5, 0.5]))
+
+
+def test_group_size_must_divide_and_rewards_must_be_flat():
+    with pytest.raises(AlignError, match="groups of group_size=3"):
+        ADVANTAGES.get("group")(REWARDS, group_size=3)
+    with pytest.raises(AlignError, match=r"flat \[B\*G\]"):
+        ADVANTAGES.get("group")(REWARDS.view(2, 4), group_size=4)
+
+
+def test_registries_list_known_names_and_refuse_duplicates():
+    with pytest.raises(AlignError, match="known: batch, group, none"):
+        ADVANTAGES.get("gae")
+    with pytest.raises(AlignError, match="known: bnpo, dapo, dr_grpo, grpo"):
+        LOSS_AGGREGATIONS.get("token-mean")
+    with pytest.raises(AlignError, match="known: k1, k2, k3"):
+        KL_ESTIMATORS.get("low_var_kl")
+    table = Registry("thing")
+    table.register("a")(len)
+    with pytest.raises(AlignError, match="already registered"):
+        table.register("a")(abs)
+
+
+# ------------------------------------------------------------------------------------------- KL
+
+def test_kl_estimators_by_hand():
+    # π_θ = 0.5, π_ref = 0.25: d = log π_ref − log π_θ = −ln 2
+    #   k1 = ln 2 = 0.693147; k2 = (ln 2)²/2 = 0.240227; k3 = e^{−ln 2} + ln 2 − 1 = 0.193147
+    logp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    assert KL_ESTIMATORS.get("k1")(logp, ref).item() == pytest.approx(LN2)
+    assert KL_ESTIMATORS.get("k2")(logp, ref).item() == pytest.approx(LN2**2 / 2)
+    assert KL_ESTIMATORS.get("k3")(logp, ref).item() == pytest.approx(0.5 + LN2 - 1)
+    assert KL_ESTIMATORS.get("k3")(ref, ref).item() == 0.0  # identical policies: exactly zero
+
+
+# ------------------------------------------------------------------------------------- log-probs
+
+def test_token_logprobs_and_entropy_by_hand():
+    # logits [0, 0, ln 2] -> p = [1/4, 1/4, 1/2]: log p(2) = ln 0.5; H = 2·(1/4)·ln 4 + (1/2)·ln 2 = 1.039721
+    # at temperature 0.5: logits [0, 0, 2 ln 2] -> e^x = [1, 1, 4] -> p(2) = 2/3
+    logits = torch.tensor([[[0.0, 0.0, LN2]]])
+    target = torch.tensor([[2]])
+    logp, ent = token_logprobs(logits, target)
+    assert logp.item() == pytest.approx(math.log(0.5))
+    assert ent.item() == pytest.approx(0.5 * math.log(4) + 0.5 * LN2)
+    logp, ent = token_logprobs(logits, target, temperature=0.5, with_entropy=False)
+    assert logp.item() == pytest.approx(math.log(2 / 3)) and ent is None
+    # bf16 logits are scored in float32
+    logp, _ = token_logprobs(logits.bfloat16(), target)
+    assert logp.dtype == torch.float32 and logp.item() == pytest.approx(math.log(0.5), abs=1e-2)
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(logits, target, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_completion_logprobs_match_a_full_forward(qwen2):
+    ids = torch.randint(0, 64, (3, 9))
+    am = torch.ones_like(ids)
+    am[0, -2:] = 0  # completion of row 0 is 2 tokens shorter (right padding)
+    logp, ent = completion_logprobs(qwen2, ids, am, completion_length=4, temperature=0.8, micro_batch_size=2)
+    full = qwen2(input_ids=ids, attention_mask=am).logits[:, -5:-1]  # logits at t predict token t+1
+    ref_logp, ref_ent = token_logprobs(full, ids[:, -4:], temperature=0.8)
+    torch.testing.assert_close(logp[1:], ref_logp[1:])
+    torch.testing.assert_close(logp[0, :2], ref_logp[0, :2])
+    assert torch.equal(logp[0, 2:], torch.zeros(2)) and torch.equal(ent[0, 2:], torch.zeros(2))
+    torch.testing.assert_close(ent[1:], ref_ent[1:])
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+def test_clip_regions_losses_and_gradients_by_hand():
+    # old = 0, so ratio ρ = exp(logp). ε_low = ε_high = 0.2 -> clip range [0.8, 1.2].
+    # seq 0, A = +1: ρ = 1.5 -> −min(1.5, 1.2) = −1.2 (high-clipped, no gradient)
+    #                ρ = 0.5 -> −min(0.5, 0.8) = −0.5 (not clipped: the clip never limits a push the other way)
+    # seq 1, A = −1: ρ = 0.5 -> −min(−0.5, −0.8) = 0.8 (low-clipped, no gradient)
+    #                ρ = 1.5 -> −min(−1.5, −1.2) = 1.5 (not clipped)
+    # grpo: mean(−1.7/2, 2.3/2) = 0.15; d/dlogp of an unclipped token = −A·ρ / (2 seqs · 2 tokens)
+    logp = torch.log(torch.tensor([[1.5, 0.5], [0.5, 1.5]])).requires_grad_()
+    loss, m = policy_loss(logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), torch.ones(2, 2),
+                          epsilon_low=0.2, epsilon_high=0.2)
+    assert loss.item() == pytest.approx(0.15)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 / 4], [0.0, 1.5 / 4]]))
+    assert m["actor/clip_frac_high"].item() == 0.25 and m["actor/clip_frac_low"].item() == 0.25
+    assert m["actor/clip_frac_region"].item() == 0.5
+    assert m["actor/ratio_min"].item() == pytest.approx(0.5) and m["actor/ratio_max"].item() == pytest.approx(1.5)
+    assert m["actor/ratio_mean"].item() == pytest.approx(1.0)
+    assert "actor/kl" not in m
+
+
+def test_asymmetric_clip_and_delta():
+    # ε_high = 0.28: ρ = 1.25 with A = +1 is inside [0.8, 1.28] -> loss −1.25, not clipped
+    logp = torch.log(torch.tensor([[1.25]]))
+    loss, m = policy_loss(logp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1),
+                          epsilon_low=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx(-1.25) and m["actor/clip_frac_high"].item() == 0.0
+    # delta = 2 caps the unclipped ratio for A < 0: ρ = 3 -> −min(−2, −1.2) = 2 (not 3)
+    loss, _ = policy_loss(torch.log(torch.tensor([[3.0]])), torch.zeros(1, 1), torch.tensor([-1.0]),
+                          torch.ones(1, 1), delta=2.0)
+    assert loss.item() == pytest.approx(2.0)
+
+
+def test_kl_term_value_and_gradient():
+    # A = 0 kills the policy term; on-policy (old = None) ratio 1. π_θ = 0.5, π_ref = 0.25:
+    #   loss = β·k3 = 0.04 · 0.193147; d k3 / d logp = 1 − exp(ref − logp) = 1 − 0.5 = 0.5 -> grad 0.04·0.5
+    logp = torch.full((1, 1), math.log(0.5), requires_grad=True)
+    loss, m = policy_loss(logp, None, torch.zeros(1), torch.ones(1, 1), ref_logp=torch.full((1, 1), math.log(0.25)),
+                          beta=0.04)
+    assert loss.item() == pytest.approx(0.04 * (0.5 + LN2 - 1))
+    assert m["actor/kl"].item() == pytest.approx(0.5 + LN2 - 1)
+    loss.backward()
+    assert logp.grad.item() == pytest.approx(0.04 * 0.5)
+
+
+def test_beta_zero_needs_no_reference_but_beta_positive_does():
+    loss, _ = policy_loss(torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2), beta=0.0)
+    assert loss.item() == pytest.approx(-1.0)  # on-policy: ρ = 1, −A = −1
+    with pytest.raises(AlignError, match="ref_logp"):
+        policy_loss(torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2), beta=0.04)
+
+
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected"), [
+    # grpo: seq means (1+2)/2 = 1.5 and 4/1 = 4 -> 2.75; one of 2 micro-batches -> 1.375
+    ("grpo", {}, 2.75), ("grpo", {"num_micro_batches": 2}, 1.375),
+    # bnpo: (1+2+4) / 3 tokens
+    ("bnpo", {}, 7 / 3), ("bnpo", {"num_micro_batches": 2}, 7 / 6),
+    # dr_grpo: 7 / (2 seqs · max_completion_length 4)
+    ("dr_grpo", {"max_completion_length": 4}, 7 / 8),
+    # dapo: 7 / (10 tokens in the step over 2 ranks = 5 per rank); micro-batch count not used
+    ("dapo", {"num_items_in_batch": 10, "world_size": 2, "num_micro_batches": 3}, 7 / 5),
+])
+def test_aggregation_normalisers(name, kwargs, expected):
+    args = {"max_completion_length": None, "num_items_in_batch": None, **kwargs}
+    assert LOSS_AGGREGATIONS.get(name)(PER_TOKEN, MASK, **args).item() == pytest.approx(expected)
+
+
+def test_aggregations_that_need_a_normaliser_say_so():
+    with pytest.raises(AlignError, match="max_completion_length"):
+        LOSS_AGGREGATIONS.get("dr_grpo")(PER_TOKEN, MASK, max_completion_length=None, num_items_in_batch=None)
+    with pytest.raises(AlignError, match="num_items_in_batch"):
+        LOSS_AGGREGATIONS.get("dapo")(PER_TOKEN, MASK, max_completion_length=None, num_items_in_batch=None)
+
+
+def test_micro_batch_sums_equal_the_full_batch():
+    """dapo: Σ over micro-batches = global token mean for any split; grpo: equal splits = full batch."""
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(4, 5, generator=g)
+    mask = (torch.rand(4, 5, generator=g) > 0.4).float()
+    mask[:, 0] = 1
+    common = {"max_completion_length": 5, "num_items_in_batch": mask.sum()}
+    dapo, grpo = LOSS_AGGREGATIONS.get("dapo"), LOSS_AGGREGATIONS.get("grpo")
+    parts = [(per_token[:1], mask[:1]), (per_token[1:], mask[1:])]  # unequal on purpose
+    torch.testing.assert_close(sum(dapo(p, m, **common) for p, m in parts), (per_token * mask).sum() / mask.sum())
+    halves = [(per_token[:2], mask[:2]), (per_token[2:], mask[2:])]
+    torch.testing.assert_close(sum(grpo(p, m, **common, num_micro_batches=2) for p, m in halves),
+                               grpo(per_token, mask, **common))
+
+
+def test_truncated_importance_weights_by_hand():
+    # old − rollout = [ln 2, ln 4, −ln 2, NaN (engine gave no logprob), masked]
+    #   w = min(e^d, 3) = [2, 3, 0.5, 1, 1]; truncated: 1 of 4 unmasked tokens
+    old = torch.zeros(1, 5)
+    rollout = torch.tensor([[-LN2, -2 * LN2, LN2, float("nan"), 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    w, m = rollout_is_weights(old, rollout, mask, cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 3.0, 0.5, 1.0, 1.0]]))
+    assert m["rollout_is/truncated_frac"].item() == 0.25
+    assert m["rollout_is/weight_mean"].item() == pytest.approx(6.5 / 4)
+    assert m["rollout_is/weight_max"].item() == pytest.approx(3.0)
+    assert m["rollout_is/logp_diff_max"].item() == pytest.approx(2 * LN2)
+    # in the loss: on-policy, A = 1 -> per-token −1·w, bnpo mean over 4 tokens = −6.5/4
+    loss, _ = policy_loss(torch.zeros(1, 5), None, torch.ones(1), mask, rollout_logp=rollout, is_cap=3.0,
+                          aggregation="bnpo")
+    assert loss.item() == pytest.approx(-6.5 / 4)
+    with pytest.raises(AlignError, match="rollout log-probs"):
+        policy_loss(torch.zeros(1, 5), None, torch.ones(1), mask, is_cap=3.0)
+
+
+def test_padding_cannot_produce_nan():
+    # a padded position with logp −inf (and old 0) would give exp(−inf)·0 or inf·0 without masking
+    logp = torch.tensor([[-0.1, float("-inf")]], requires_grad=True)
+    loss, m = policy_loss(logp, torch.tensor([[0.0, 50.0]]), torch.ones(1), torch.tensor([[1, 0]]),
+                          ref_logp=torch.tensor([[0.0, -80.0]]), beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert all(torch.isfinite(v) for v in m.values())
+
+
+# ----------------------------------------------------------------------------------------- batch
+
+def _batch() -> GRPOBatch:
+    n = 6
+    return GRPOBatch(
+        prompt_ids=torch.arange(n * 2).view(n, 2), prompt_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_ids=torch.arange(n * 3).view(n, 3), completion_mask=torch.ones(n, 3, dtype=torch.long),
+        rewards=torch.arange(n, dtype=torch.float), reward_components={"math": torch.arange(n) * 10.0},
+        group_ids=torch.tensor([7, 3, 7, 3, 5, 5]), truncated=torch.tensor([0, 0, 1, 0, 0, 1]).bool(),
+        weight_version=4)
+
+
+def test_batch_index_split_and_inputs():
+    b = _batch()
+    assert len(b) == 6 and b.input_ids.shape == (6, 5) and b.attention_mask.shape == (6, 5)
+    sub = b.index([4, 0])
+    assert sub.rewards.tolist() == [4.0, 0.0] and sub.reward_components["math"].tolist() == [40.0, 0.0]
+    assert sub.weight_version == 4 and sub.old_logp is None
+    parts = b.split(3)
+    assert [p.rewards.tolist() for p in parts] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    # keep_groups: groups 7, 3, 5 (first-appearance order) each whole in one part
+    parts = b.split(3, keep_groups=True)
+    assert [p.group_ids.tolist() for p in parts] == [[7, 7], [3, 3], [5, 5]]
+    assert [p.rewards.tolist() for p in parts] == [[0.0, 2.0], [1.0, 3.0], [4.0, 5.0]]
+    with pytest.raises(AlignError, match="divides 6"):
+        b.split(4)
+    with pytest.raises(AlignError, match="whole, equal groups"):
+        b.split(2, keep_groups=True)  # 3 groups cannot go into 2 equal parts
+
+
+def test_mask_after_eos_and_truncated():
+    eos = 9
+    ids = torch.tensor([[1, 2, 9, 3, 9], [1, 1, 1, 1, 1], [9, 0, 0, 0, 0]])
+    mask = mask_after_eos(ids, eos)
+    # through the first EOS; a row with no EOS keeps everything
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert mask_after_eos(ids, [3, 9]).tolist()[0] == [1, 1, 1, 0, 0]
+    assert mask_truncated(mask, torch.tensor([False, True, False])).tolist()[1] == [0] * 5
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+def test_reward_and_completion_metrics_by_hand():
+    # rewards [1, 3, NaN]: mean 2, unbiased std sqrt(((1-2)² + (3-2)²)/1) = sqrt 2
+    m = reward_metrics(torch.tensor([1.0, 3.0, float("nan")]), {"fmt": torch.tensor([0.0, 0.0, 1.0])})
+    assert m["reward/mean"].item() == 2.0 and m["reward/std"].item() == pytest.approx(math.sqrt(2))
+    assert m["reward/fmt/mean"].item() == pytest.approx(1 / 3)
+    # lengths 3, 1, 4 (the 4 was truncated): mean 8/3, terminated mean (3+1)/2
+    cm = completion_metrics(torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]),
+                            torch.tensor([False, False, True]))
+    assert cm["completions/length_mean"].item() == pytest.approx(8 / 3)
+    assert (cm["completions/length_min"].item(), cm["completions/length_max"].item()) == (1.0, 4.0)
+    assert cm["completions/truncated_frac"].item() == pytest.approx(1 / 3)
+    assert cm["completions/terminated_length_mean"].item() == 2.0

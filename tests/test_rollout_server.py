@@ -1,0 +1,147 @@
+"""Two real `align rollout serve` workers (subprocesses on loopback) driven by RemoteEngines."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from align.errors import AlignError
+from rollout.base import SamplingParams
+from rollout.client import RemoteEngines, split_runs
+from rollout.hf import HFEngine
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(model_dir, engine: str = "hf") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "align", "rollout", "serve", "--model", str(model_dir),
+                             "--port", str(port), "--engine", engine],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from align.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("server_nano"), size="nano", seed=0)
+
+
+@pytest.fixture(scope="module")
+def workers(model_dir):
+    started = [start_worker(model_dir), start_worker(model_dir)]
+    try:
+        for proc, url in started:
+            wait_healthy(proc, url)
+        yield started
+    finally:
+        for proc, _ in started:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """A local HF engine on the same weights: what the workers must reproduce."""
+    return HFEngine.from_pretrained(model_dir, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def prompts(local):
+    texts = ["What is 7 * 6?", "Say hello.", "List two colours.", "Why is the sky blue?"]
+    return [local.tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                add_generation_prompt=True, return_dict=False)
+            for t in texts]
+
+
+def test_split_runs_keeps_whole_prompts_and_covers_the_batch():
+    assert split_runs(5, 2) == [(0, 3), (3, 5)]
+    assert split_runs(1, 3) == [(0, 1)]
+    assert split_runs(6, 3) == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_health_reports_model_engine_and_version(workers, model_dir):
+    for _, url in workers:
+        assert httpx.get(url + "/health").json() == {"model": str(model_dir), "engine": "hf",
+                                                     "weight_version": 0}
+
+
+def test_batch_spreads_over_both_workers_and_matches_local_engine(workers, local, prompts):
+    client = RemoteEngines([url for _, url in workers])
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=11)
+    groups = client.generate(prompts, 3, sampling)
+    assert client.stats["requests"] == 2  # one run of whole prompts per worker
+    assert [len(g) for g in groups] == [3, 3, 3, 3]
+    # seeds are offset per run exactly like the local engine's batches of 2: same samples
+    want = local.generate(prompts, 3, sampling)
+    assert [[s.completion_ids for s in g] for g in groups] == [[s.completion_ids for s in g] for g in want]
+    assert client.stats["stale_samples"] == 0
+
+
+def test_bad_request_is_refused_not_retried(workers):
+    client = RemoteEngines([url for _, url in workers])
+    with pytest.raises(AlignError, match="empty prompt"):
+        client.generate([[]], 1, GREEDY)
+    assert client.stats["retries"] == 0 and len(client.live) == 2
+
+
+def test_update_weights_reaches_both_workers(workers, local, prompts):
+    import torch
+
+    client = RemoteEngines([url for _, url in workers])
+    with torch.no_grad():
+        for p in local.model.parameters():
+            p.add_(torch.randn_like(p) * 0.2, alpha=1.0)
+    before = client.generate(prompts, 1, GREEDY)
+    client.update_weights(local.model.state_dict().items())
+    assert [h["weight_version"] for h in client.health()] == [1, 1]
+    after = client.generate(prompts, 1, GREEDY)
+    want = local.generate(prompts, 1, GREEDY)
+    assert [g[0].completion_ids for g in after] == [g[0].completion_ids for g in want]
+    assert [g[0].completion_ids for g in before] != [g[0].completion_ids for g in want]
+    assert all(s.weight_version == 1 for g in after for s in g)
+    lagging = RemoteEngines([workers[0][1]])
+    lagging.weight_version = 2  # a client ahead of the worker: its samples are stale
+    lagging.generate(prompts[:2], 2, GREEDY)
+    assert lagging.stats["stale_samples"] == 4
+
+
+def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers, prompts):
+    (proc_a, url_a), (proc_b, url_b) = workers
+    client = RemoteEngines([url_a, url_b], timeout_s=30)
+    proc_b.kill()
+    proc_b.wait()
+    groups = client.generate(prompts, 2, GREEDY)
+    assert len(groups) == 4 and client.live == [url_a]
+    assert client.stats["dead_workers"] == 1 and client.stats["retries"] == 1
+    proc_a.kill()
+    proc_a.wait()
+    with pytest.raises(AlignError) as err:
+        client.generate(prompts, 2, GREEDY)
+    assert url_a in str(err.value) and url_b in str(err.value)
