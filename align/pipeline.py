@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.checkpoint import latest_checkpoint, write_text_atomic
+from align.checkpoint import forget_latest, latest_checkpoint, write_text_atomic
 from align.config import Recipe, SynthSpec
 from align.errors import AlignError
 from align.stage import StageContext, StageResult, StopFlag
@@ -150,6 +150,8 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
         if entry.get("config_hash") == digest and entry.get("status") in ("running", "stopped") \
                 and name not in forced:
             resume = latest_checkpoint(stage_dir)
+        if resume is None and _is_main():
+            forget_latest(stage_dir)
         ctx = StageContext(recipe=recipe, stage=stage, stage_dir=stage_dir,
                            init_model=resolve_init(recipe, manifest, stage.init),
                            resume_from=resume, stop=stop)

@@ -159,6 +159,19 @@ def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
     return list(model.state_dict().items())
 
 
+def merge_micro_metrics(into: dict[str, float], new: dict[str, torch.Tensor], parts: int) -> None:
+    """Combine one micro-batch's metrics into the step's: min/max keys by min/max, the rest
+    as the mean over `parts` micro-batches."""
+    for key, value in new.items():
+        v = float(value)
+        if key.endswith("_min"):
+            into[key] = min(into.get(key, math.inf), v)
+        elif key.endswith("_max"):
+            into[key] = max(into.get(key, -math.inf), v)
+        else:
+            into[key] = into.get(key, 0.0) + v / parts
+
+
 class GRPOTrainer:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -174,6 +187,11 @@ class GRPOTrainer:
             raise AlignError(f"stages.{stage.name}.prompts_per_step={stage.prompts_per_step} must be a "
                              f"multiple of the number of processes ({self.world}), so whole groups stay "
                              "on one rank")
+        local_samples = stage.prompts_per_step // self.world * stage.group_size
+        if local_samples % stage.per_device_batch_size:
+            raise AlignError(f"stages.{stage.name}.per_device_batch_size={stage.per_device_batch_size} must "
+                             f"divide the {local_samples} samples each process trains on per step "
+                             "(prompts_per_step / processes × group_size), so every micro-batch weighs the same")
         from align.models.load import load_causal_lm, load_tokenizer
         from rewards.suite import RewardSuite
 
@@ -220,10 +238,13 @@ class GRPOTrainer:
         from rollout.factory import build_engine
 
         cfg = self.stage.rollout
-        if cfg.engine == "hf" and cfg.mode == "colocate":
+        self.shares_policy = cfg.engine == "hf" and cfg.mode == "colocate"
+        if self.shares_policy:
             return build_engine(cfg, self.acc.unwrap_model(self.model), self.tokenizer)
-        engine = build_engine(cfg, self.ctx.resume_from or self.ctx.init_model, self.tokenizer,
-                              seed=self.ctx.seed, dtype=self.ctx.recipe.model.dtype)
+        engine = build_engine(cfg, self.ctx.init_model, self.tokenizer, seed=self.ctx.seed,
+                              dtype=self.ctx.recipe.model.dtype)
+        if self.ctx.resume_from is not None:  # the engine starts from init weights: catch it up
+            engine.update_weights(policy_weights(self.acc.unwrap_model(self.model)))
         return engine
 
     # ------------------------------------------------------------------------------ data
@@ -292,7 +313,7 @@ class GRPOTrainer:
                                                   micro_batch_size=micro, with_entropy=False)
             if stage.beta > 0:
                 ref_logp = self._ref_logprobs(tensors, t_len, micro)
-        metrics: dict[str, float] = defaultdict(float)
+        metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
             n_tokens = global_token_count(acc, int(tensors["completion_mask"].sum()))
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
@@ -316,12 +337,11 @@ class GRPOTrainer:
                             world_size=acc.num_processes)
                         backward(acc, loss)
                     metrics["loss"] += float(loss.detach()) / stage.num_iterations
-                    for k, v in m.items():
-                        metrics[k] += float(v) / (len(chunks) * stage.num_iterations)
+                    merge_micro_metrics(metrics, m, len(chunks) * stage.num_iterations)
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, self.step)
-        with timer("sync"):
-            self.engine.update_weights(policy_weights(acc.unwrap_model(self.model)))
+        with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
+            self.engine.update_weights([] if self.shares_policy else policy_weights(acc.unwrap_model(self.model)))
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics.update({k: float(v) for k, v in scored.metrics.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
