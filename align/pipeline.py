@@ -66,16 +66,21 @@ def select_stages(recipe: Recipe, only: str | None, start: str | None) -> list[s
     return names
 
 
-def _is_main() -> bool:
+def _state():
+    """The process group, created as the trainers' Accelerator(cpu=...) will see it: without
+    `cpu=True` on a machine with no GPU, each launched process would believe it is alone."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _is_main() -> bool:
+    return _state().is_main_process
 
 
 def _wait() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    _state().wait_for_everyone()
 
 
 def prepare_inputs(recipe: Recipe, manifest: Manifest, console) -> None:
@@ -143,7 +148,8 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
                     f"stage {name!r} finished with a different config (hash {entry.get('config_hash')} "
                     f"≠ {digest}). Its checkpoint no longer matches the recipe: rerun it and the "
                     f"stages after it with `--from {name}`, or restore the old settings.")
-            console.print(f"[dim]stage {name}: done, skipping ({entry['final']})[/]")
+            if _is_main():
+                console.print(f"[dim]stage {name}: done, skipping ({entry['final']})[/]")
             continue
         stage_dir = out / name
         resume = None
@@ -159,7 +165,8 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
             manifest.update(name, status="running", kind=stage.kind, config_hash=digest,
                             started=time.strftime("%Y-%m-%dT%H:%M:%S"))
             manifest.save(recipe)
-        console.rule(f"stage {name} ({stage.kind})" + (f" — resuming from {resume.name}" if resume else ""))
+        if _is_main():
+            console.rule(f"stage {name} ({stage.kind})" + (f" — resuming from {resume.name}" if resume else ""))
         try:
             result = importlib.import_module(RUNNERS[stage.kind]).run(ctx)
         except TrainingInterrupted:

@@ -265,8 +265,11 @@ class GRPOTrainer:
 
     def sampling(self, step: int, greedy: bool = False) -> SamplingParams:
         s = self.stage.sampling
-        # distinct per step and per rank; the engine adds the per-sample offset
-        seed = (self.ctx.seed * 1_000_003 + step * 7919 + self.acc.process_index * 104_729) % (2**31)
+        # Distinct per step; offset by this rank's first sample, so the seed of a sample depends
+        # on its global position only (with one prompt per generate call the samples are then
+        # the same whatever the number of ranks). Engines add the per-sample offset.
+        first_sample = self.acc.process_index * (self.stage.prompts_per_step // self.world) * self.stage.group_size
+        seed = (self.ctx.seed * 1_000_003 + step * 7919 + first_sample) % (2**31)
         return SamplingParams(temperature=0.0 if greedy else s.temperature, top_p=s.top_p,
                               top_k=s.top_k, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop),
                               seed=seed, logprobs=True)
@@ -345,7 +348,7 @@ class GRPOTrainer:
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics.update({k: float(v) for k, v in scored.metrics.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
-        metrics["reward"] = float(torch.nanmean(local)) if len(local) else math.nan
+        metrics["reward"] = float(torch.nanmean(rewards))  # over all ranks
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["skipped_steps"] = self.guard.skipped
         metrics.update(timer.times)
