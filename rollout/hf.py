@@ -5,9 +5,10 @@ Group sampling: the prompt batch is prefilled once and its KV cache expanded `n`
 encoding, not `n`.
 
 Logprobs: `Sample.logprobs[t]` is log softmax(logits / T) of the sampled token, from the model's
-*unprocessed* logits (`output_logits`), i.e. the full-vocabulary policy at temperature T before
-top-p/top-k truncation. That is exactly what the GRPO trainer recomputes for π_old, so the two
-agree up to numerics. At temperature 0 (greedy) T is taken as 1.
+*unprocessed* logits, i.e. the full-vocabulary policy at temperature T before top-p/top-k
+truncation. That is exactly what the GRPO trainer recomputes for π_old, so the two agree up to
+numerics. At temperature 0 (greedy) T is taken as 1. They are gathered step by step
+(`LogprobRecorder`) rather than from `output_logits`, which would keep rows × steps × vocab floats.
 """
 
 from __future__ import annotations
@@ -42,6 +43,60 @@ def cut_completion(ids: Sequence[int], eos_ids: set[int], stop: Sequence[str],
             k = next(k for k in range(1, len(ids) + 1) if any(s in decode(ids[:k]) for s in stop))
             return ids[:k], "stop"
     return ids, ("stop" if end is not None else "length")
+
+
+# `generate` fills every field left None from the model's generation_config.json (Qwen ships
+# top_k=20, top_p=0.8, repetition_penalty=1.05) and then from global defaults (top_k=50): pin every
+# logits-changing field to "off", so only SamplingParams shapes the distribution.
+NEUTRAL_PROCESSING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                          epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                          no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=[],
+                          begin_suppress_tokens=[], forced_bos_token_id=None, forced_eos_token_id=None)
+
+
+class LogprobRecorder:
+    """Gathers each sampled token's logprob during `generate` in O(rows) memory per step.
+
+    `generate` runs our logits processor (`see`) first, since temperature/top-k/top-p are passed
+    as our own warpers after it, so it sees the raw logits; the stopping criterion (`take`) runs
+    once the sampled token is appended and gathers its logprob. It never stops generation."""
+
+    def __init__(self, temperature: float):
+        from transformers import LogitsProcessor, StoppingCriteria
+
+        recorder = self
+
+        class See(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                recorder.logits = scores.clone()
+                return scores
+
+        class Take(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                recorder.columns.append(
+                    sampled_logprobs(recorder.logits[:, None], input_ids[:, -1:], temperature)[:, 0])
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.logits: torch.Tensor | None = None
+        self.columns: list[torch.Tensor] = []
+        self.processor, self.criterion = See(), Take()
+
+    def logprobs(self) -> list[list[float]]:
+        return torch.stack(self.columns, 1).tolist()
+
+
+def sampling_warpers(sampling: SamplingParams) -> list:
+    """HF's temperature/top-k/top-p warpers, applied after the LogprobRecorder has seen the logits."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if sampling.temperature <= 0:
+        return []
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
 
 
 class HFEngine:
@@ -126,28 +181,26 @@ class HFEngine:
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                         seed: int) -> list[list[Sample]]:
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         ids, mask = self._left_pad(prompts)
         cache = self._prefill_group_cache(ids, mask, n)
-        greedy = sampling.temperature <= 0
-        config = GenerationConfig(
-            do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
+        recorder = LogprobRecorder(sampling.temperature)
+        config = GenerationConfig(  # sampling warpers are ours (after the recorder), none from here
+            do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-            stop_strings=list(sampling.stop) or None, return_dict_in_generate=True,
-            output_logits=sampling.logprobs)
+            stop_strings=list(sampling.stop) or None, **NEUTRAL_PROCESSING)
         devices = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # seeded without disturbing the trainer's RNG
             torch.manual_seed(seed)
             out = self.model.generate(
                 input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                 past_key_values=cache, generation_config=config,
+                logits_processor=LogitsProcessorList([recorder.processor, *sampling_warpers(sampling)]),
+                stopping_criteria=StoppingCriteriaList([recorder.criterion]),
                 tokenizer=self.tokenizer if sampling.stop else None)
-        new = out.sequences[:, ids.shape[1]:]
-        logps = (sampled_logprobs(torch.stack(out.logits, 1), new, sampling.temperature).tolist()
-                 if sampling.logprobs else None)
+        new = out[:, ids.shape[1]:]
+        logps = recorder.logprobs() if sampling.logprobs else None
         samples = []
         for row, tokens in enumerate(new.tolist()):
             kept, reason = cut_completion(tokens, self.eos_ids, sampling.stop, self.tokenizer.decode)

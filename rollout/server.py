@@ -85,7 +85,7 @@ def serve(model_dir: str, engine_name: str, host: str, port: int, seed: int = 0,
     from rollout.config import RolloutConfig
     from rollout.factory import build_engine
 
-    cfg = RolloutConfig(engine=engine_name, kv_cache_gb=kv_cache_gb)
-    engine = build_engine(cfg, model_dir, seed=seed, dtype=dtype)
+    cfg = RolloutConfig(engine=engine_name, dtype=dtype, kv_cache_gb=kv_cache_gb)
+    engine = build_engine(cfg, model_dir, seed=seed)
     uvicorn.run(create_app(engine, str(model_dir), engine_name), host=host, port=port,
                 log_level="warning")

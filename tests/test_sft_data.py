@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from align.data.cache import tokenized_source
 from align.data.mixture import mixture_indices, source_counts, split_eval
 from align.data.synth import generate
 from align.data.tokenize import TokenizeStats, tokenize_batch
-from sft_helpers import make_data, math_data, nano_model, tokenizer  # noqa: F401  (fixtures)
+from sft_helpers import math_data, nano_model, tokenizer  # noqa: F401  (fixtures)
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."},

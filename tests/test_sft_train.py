@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from align.sft import run
 from align.stage import StopFlag
 from align.train_utils import TrainingInterrupted
-from sft_helpers import ROOT, losses, make_ctx, make_data, math_data, nano_model  # noqa: F401  (fixtures)
+from sft_helpers import ROOT, losses, make_ctx, math_data, nano_model  # noqa: F401  (fixtures)
 
 
 def _weights(final: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +72,8 @@ def test_lora_run_writes_a_merged_model_that_loads_anywhere(nano_model, math_dat
 def test_unpacked_padded_batches_train(nano_model, math_data, tmp_path):
     result = run(make_ctx(tmp_path, nano_model, math_data, ["stages.0.packing=false", "stages.0.max_steps=3",
                                                             "stages.0.save_steps=null"]))
-    assert result.summary["train_rows"] == 540 and result.summary["eval_loss_after"] < result.summary["eval_loss_before"]
+    s = result.summary
+    assert s["train_rows"] == 540 and s["eval_loss_after"] < s["eval_loss_before"]
 
 
 @pytest.mark.slow
@@ -96,3 +97,12 @@ def test_two_ddp_ranks_on_cpu_match_one_process(nano_model, math_data, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path / "two" / "sft") == pytest.approx(losses(tmp_path / "one" / "sft"), abs=1e-5, rel=0)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == 4
+
+
+def test_moe_model_trains_with_router_balance_loss(math_data, tmp_path):
+    from align.models.tiny import build_tiny
+
+    model = build_tiny(tmp_path / "moe", "nano", arch="deepseek_v2", corpus_texts=2000)
+    result = run(make_ctx(tmp_path / "run", model, math_data, ["stages.0.moe_aux_loss_coef=0.003",
+                                                               "stages.0.max_steps=2", "stages.0.save_steps=null"]))
+    assert result.summary["eval_loss_after"] < result.summary["eval_loss_before"]

@@ -3,8 +3,8 @@
 One cache entry per data source, in `<cache_root>/<key>/`, where the key hashes what determines
 its content: the source's files (path, size, mtime), the tokenizer (its serialised vocabulary and
 merges), the chat template, `max_seq_len`, `overlong` and `assistant_only_loss`. Building streams
-rows through `read_conversations` in batches of `batch_size` into `datasets.Dataset.from_generator`
-(bounded memory: one batch in flight); `meta.json`, written last, marks a complete entry and holds
+rows through `read_conversations` in batches of `batch_size` into an Arrow file (bounded memory: one
+batch in flight); `meta.json`, written last, marks a complete entry and holds
 the tokenisation stats. Loading memory-maps the Arrow files (`Dataset.from_file`): no copy, no parse.
 """
 
@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from align.data.io import ReadStats, data_files, read_conversations
@@ -38,19 +37,24 @@ def cache_key(path: str | Path, tokenizer, max_seq_len: int, overlong: str, assi
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _rows(path: str, tokenizer, max_seq_len: int, overlong: str, assistant_only: bool,
-          stats: TokenizeStats, read_stats: ReadStats, batch_size: int) -> Iterator[dict]:
-    rows = read_conversations(path, on_error="skip", stats=read_stats)
-    while batch := list(itertools.islice(rows, batch_size)):
-        yield from tokenize_batch(tokenizer, [r["messages"] for r in batch], max_seq_len, overlong,
-                                  assistant_only, stats)
-
-
-def _features():
+def _write(path: str, tokenizer, arrow_file: Path, max_seq_len: int, overlong: str, assistant_only: bool,
+           stats: TokenizeStats, read_stats: ReadStats, batch_size: int) -> None:
+    """Stream the source into one Arrow file, a batch of `batch_size` rows at a time, with the
+    ArrowWriter that `Dataset.from_generator` uses, fed columns instead of per-row dicts (the
+    per-row feature encoding was a third of the build time)."""
     from datasets import Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
 
-    return Features({"input_ids": Sequence(Value("int32")), "assistant_mask": Sequence(Value("int8")),
-                     "length": Value("int32")})
+    features = Features({"input_ids": Sequence(Value("int32")), "assistant_mask": Sequence(Value("int8")),
+                         "length": Value("int32")})
+    rows = read_conversations(path, on_error="skip", stats=read_stats)
+    with ArrowWriter(features=features, path=str(arrow_file)) as writer:
+        while batch := list(itertools.islice(rows, batch_size)):
+            out = tokenize_batch(tokenizer, [r["messages"] for r in batch], max_seq_len, overlong,
+                                 assistant_only, stats)
+            if out:
+                writer.write_batch({k: [r[k] for r in out] for k in features})
+        writer.finalize()
 
 
 def tokenized_source(path: str | Path, tokenizer, *, max_seq_len: int, overlong: str,
@@ -59,27 +63,23 @@ def tokenized_source(path: str | Path, tokenizer, *, max_seq_len: int, overlong:
 
     stats: {"read": ReadStats.as_dict(), "tokenize": TokenizeStats.as_dict(), "cached": bool}.
     """
-    from datasets import Dataset, concatenate_datasets
+    from datasets import Dataset
 
     check_tokenizer(tokenizer)
     entry = Path(cache_root) / cache_key(path, tokenizer, max_seq_len, overlong, assistant_only)
     meta_file = entry / "meta.json"
-    if not meta_file.exists():
+    if not meta_file.exists():  # absent or half-built (meta.json is written last): rebuild
         shutil.rmtree(entry, ignore_errors=True)
         stats, read_stats = TokenizeStats(), ReadStats()
-        ds = Dataset.from_generator(
-            _rows, features=_features(), cache_dir=str(entry / "arrow"),
-            gen_kwargs=dict(path=str(path), tokenizer=tokenizer, max_seq_len=max_seq_len, overlong=overlong,
-                            assistant_only=assistant_only, stats=stats, read_stats=read_stats,
-                            batch_size=batch_size))
-        files = [str(Path(f["filename"]).relative_to(entry)) for f in ds.cache_files]
-        meta = {"source": str(path), "files": files, "read": read_stats.as_dict(),
+        entry.mkdir(parents=True)
+        _write(str(path), tokenizer, entry / "data.arrow", max_seq_len, overlong, assistant_only, stats,
+               read_stats, batch_size)
+        meta = {"source": str(path), "files": ["data.arrow"], "read": read_stats.as_dict(),
                 "tokenize": stats.as_dict()}
         meta_file.write_text(json.dumps(meta, indent=1))
         cached = False
     else:
         cached = True
     meta = json.loads(meta_file.read_text())
-    parts = [Dataset.from_file(str(entry / f)) for f in meta["files"]]
-    ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    ds = Dataset.from_file(str(entry / meta["files"][0]))
     return ds, {"read": meta["read"], "tokenize": meta["tokenize"], "cached": cached}

@@ -37,10 +37,10 @@ def pack(dataset, max_seq_len: int, batch_size: int = 20_000):
 def target_counts(dataset, packed: bool, chunk: int = 50_000) -> np.ndarray:
     """Tokens each row contributes to the loss: its masked tokens except each conversation's first
     (which nothing before it predicts). Read in chunks from the Arrow table: bounded memory."""
-    table = dataset.data
+    rows = dataset.with_format("arrow")  # respects a select()'s index mapping, unlike `.data`
     out = np.zeros(len(dataset), dtype=np.int64)
     for start in range(0, len(dataset), chunk):
-        part = table.slice(start, chunk)
+        part = rows[start:start + chunk]
         mask = part.column("assistant_mask").combine_chunks()
         flat = mask.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         row_offsets = mask.offsets.to_numpy() - mask.offsets[0].as_py()

@@ -2,8 +2,8 @@
 
 How the mask is found: the chat template is rendered for a whole batch at once and the character
 spans of the assistant turns come back from the template itself, then the texts go through the
-fast tokenizer's batch path with `return_offsets_mapping`, and a token is an assistant token when
-its character span overlaps an assistant span. This is what `apply_chat_template(...,
+fast tokenizer's batch path (`encode_batch`), and a token is an assistant token when it holds a
+character of an assistant span (`Encoding.char_to_token` at the span's ends). This is what `apply_chat_template(...,
 return_assistant_tokens_mask=True)` computes, minus its per-token Python loop.
 
 Where the spans come from:
@@ -21,8 +21,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from align.errors import AlignError
 
@@ -66,17 +64,48 @@ def check_tokenizer(tokenizer) -> None:
         raise AlignError("the tokenizer has no chat template; set `chat_template` in tokenizer_config.json")
 
 
+_START, _END = "\ue000", "\ue001"  # private-use characters standing in for the generation tags
+
+
+def _marked_template(template: str) -> str:
+    """The template with `{% generation %}`/`{% endgeneration %}` replaced by sentinel characters
+    (whitespace control kept): a plain render then shows where assistant text starts and ends,
+    ~4x faster than transformers' generation-tracking render."""
+    for tag, mark in (("generation", _START), ("endgeneration", _END)):
+        template = re.sub(r"\{%(-?)\s*" + tag + r"\s*(-?)%\}", "{{\\1 '" + mark + "' \\2}}", template)
+    return template
+
+
+def _split_marks(marked: str) -> tuple[str, Spans]:
+    """Remove the sentinels; return the clean text and the spans they enclosed."""
+    parts = marked.split(_START)
+    text, spans, length = [parts[0]], [], len(parts[0])
+    for part in parts[1:]:
+        inside, _, after = part.partition(_END)
+        spans.append((length, length + len(inside)))
+        text += [inside, after]
+        length += len(inside) + len(after)
+    return "".join(text), spans
+
+
 def render_with_spans(tokenizer, conversations: list[list[dict]]) -> tuple[list[str], list[Spans]]:
     """Rendered texts and, per text, the character spans of its assistant turns."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     template = tokenizer.chat_template
     kwargs = dict(tokenizer.special_tokens_map)
-    if has_generation_markers(template):
-        texts, spans = render_jinja_template(conversations, chat_template=template,
-                                             return_assistant_tokens_mask=True, **kwargs)
-        return texts, [list(s) for s in spans]
-    return _render_by_prefix(conversations, template, kwargs)
+    if not has_generation_markers(template):
+        return _render_by_prefix(conversations, template, kwargs)
+    compiled = _compile_jinja_template(_marked_template(template))
+    texts, spans = [], []
+    for messages in conversations:
+        if any(_START in m["content"] or _END in m["content"] for m in messages):
+            raise AlignError("a conversation contains the private-use characters U+E000/U+E001, which "
+                             "align uses to locate assistant turns; remove them from the data")
+        text, sp = _split_marks(compiled.render(messages=messages, add_generation_prompt=False, **kwargs))
+        texts.append(text)
+        spans.append(sp)
+    return texts, spans
 
 
 def _render_by_prefix(conversations, template: str, kwargs: dict) -> tuple[list[str], list[Spans]]:
@@ -104,11 +133,22 @@ def _render_by_prefix(conversations, template: str, kwargs: dict) -> tuple[list[
     return texts, all_spans
 
 
-def assistant_mask(offsets: np.ndarray, spans: Spans) -> np.ndarray:
-    """1 for tokens whose character span [start, end) overlaps an assistant span. offsets: [T, 2]."""
-    mask = np.zeros(len(offsets), dtype=np.int8)
+def _token_at(encoding, start: int, stop: int, step: int) -> int | None:
+    """The token holding the first character in range(start, stop, step) that belongs to one."""
+    for char in range(start, stop, step):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            return token
+    return None
+
+
+def assistant_mask(encoding, spans: Spans) -> list[int]:
+    """1 for every token that holds a character of an assistant span (a `tokenizers.Encoding`)."""
+    mask = [0] * len(encoding.ids)
     for start, end in spans:
-        mask |= ((offsets[:, 1] > start) & (offsets[:, 0] < end)).astype(np.int8)
+        first, last = _token_at(encoding, start, end, 1), _token_at(encoding, end - 1, start - 1, -1)
+        if first is not None:
+            mask[first:last + 1] = [1] * (last + 1 - first)
     return mask
 
 
@@ -120,28 +160,31 @@ def tokenize_batch(tokenizer, conversations: list[list[dict]], max_seq_len: int,
     target token (nothing of an assistant turn fits) is dropped and counted either way.
     """
     texts, spans = render_with_spans(tokenizer, conversations)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    # The Rust tokenizer directly: same ids as tokenizer(texts, add_special_tokens=False), without
+    # transformers' per-row conversion to Python dicts.
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     rows = []
-    for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+    for enc, sp in zip(encodings, spans):
+        ids = enc.ids
         stats.seen += 1
         if assistant_only:
-            mask = assistant_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), sp)
+            mask = assistant_mask(enc, sp)
         else:
-            mask = np.ones(len(ids), dtype=np.int8)
+            mask = [1] * len(ids)
         if len(ids) > max_seq_len:
             if overlong == "drop":
                 stats.dropped["overlong"] += 1
                 continue
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
             stats.truncated += 1
-        n_target = int(mask.sum())
+        n_target = sum(mask)
         if n_target == 0:
             stats.dropped["no_target_tokens"] += 1
             continue
         stats.kept += 1
         stats.tokens += len(ids)
         stats.target_tokens += n_target
-        rows.append({"input_ids": ids, "assistant_mask": mask.tolist(), "length": len(ids)})
+        rows.append({"input_ids": ids, "assistant_mask": mask, "length": len(ids)})
     return rows
 
 

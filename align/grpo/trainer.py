@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,7 @@ class GRPOTrainer:
                              if stage.eval_prompts else None)
         self.rewards = RewardSuite(self._reward_specs(), stage.reward_isolation)
         self.engine = self._build_engine()
+        self.offloader = self._build_offloader()
         self.guard = NonFiniteGuard()
         self.step = 0
 
@@ -241,11 +242,33 @@ class GRPOTrainer:
         self.shares_policy = cfg.engine == "hf" and cfg.mode == "colocate"
         if self.shares_policy:
             return build_engine(cfg, self.acc.unwrap_model(self.model), self.tokenizer)
-        engine = build_engine(cfg, self.ctx.init_model, self.tokenizer, seed=self.ctx.seed,
-                              dtype=self.ctx.recipe.model.dtype)
+        engine = build_engine(cfg, self.ctx.init_model, self.tokenizer, seed=self.ctx.seed)
         if self.ctx.resume_from is not None:  # the engine starts from init weights: catch it up
             engine.update_weights(policy_weights(self.acc.unwrap_model(self.model)))
         return engine
+
+    def _build_offloader(self):
+        """Trainer state (and the frozen reference) leave the device while the engine generates.
+        A colocated HF engine generates with the policy itself, so there it cannot apply."""
+        if not self.stage.offload:
+            return None
+        if self.shares_policy:
+            raise AlignError(f"stages.{self.stage.name}.offload: the colocated HF engine generates with the "
+                             "training weights, so they cannot be offloaded; use rollout.engine: vllm or "
+                             "mode: server, or set offload: false")
+        from align.offload import Offloader
+
+        movers = [Offloader(self.acc.unwrap_model(self.model), self.optimizer, device=self.acc.device)]
+        if self.ref is not None:
+            movers.append(Offloader(self.ref, None, device=self.acc.device))
+        return movers
+
+    @contextmanager
+    def _trainer_off_device(self):
+        with ExitStack() as stack:
+            for mover in self.offloader or []:
+                stack.enter_context(mover.offloaded())
+            yield
 
     # ------------------------------------------------------------------------------ data
 
@@ -278,7 +301,7 @@ class GRPOTrainer:
 
     def generate_and_score(self, batch: PromptSet, sampling: SamplingParams, timer: PhaseTimer):
         g = 1 if sampling.temperature == 0 else self.stage.group_size
-        with timer("rollout"):
+        with timer("rollout"), self._trainer_off_device():
             self.engine.wake()
             groups = self.engine.generate(batch.ids, g, sampling)
             self.engine.sleep()
@@ -352,6 +375,9 @@ class GRPOTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["skipped_steps"] = self.guard.skipped
         metrics.update(timer.times)
+        for mover in self.offloader or []:  # the policy's transfers (the reference's are added)
+            for key, value in mover.step_metrics().items():
+                metrics[key] = metrics.get(key, 0.0) + value
         return dict(metrics)
 
     def _temp(self) -> float:

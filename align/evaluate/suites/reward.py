@@ -1,0 +1,48 @@
+"""`reward`: how a reward model judges each checkpoint, alone and head to head with a baseline.
+
+Greedy completions on chat prompts, scored by the judge (`--judge RM_DIR`, or the run's reward
+model stage). Metrics: `rm_score`, the judge's mean score, and `win_rate`, the share of prompts
+where the checkpoint's completion scores higher than the baseline's on the same prompt (ties count
+half; `--baseline`, default the first checkpoint, whose own win rate is therefore 0.5).
+"""
+
+from __future__ import annotations
+
+from align.errors import AlignError
+from align.evaluate import defaults
+from align.evaluate.checkpoints import Checkpoint
+from align.evaluate.context import EvalContext, EvalOptions, nanmean
+from rewards.config import RewardSpec
+
+
+def win_rate(scores: list[float | None], baseline: list[float | None]) -> float:
+    """Share of pairs won (higher score), ties half; pairs with a missing score are skipped.
+
+    >>> win_rate([1.0, 0.5, 0.2, None], [0.0, 0.5, 0.9, 1.0])
+    0.5
+    """
+    pairs = [(s, b) for s, b in zip(scores, baseline, strict=True) if s is not None and b is not None]
+    return nanmean([1.0 if s > b else 0.5 if s == b else 0.0 for s, b in pairs])
+
+
+class RewardSuiteEval:
+    name = "reward"
+    lower_is_better = frozenset()
+
+    def __init__(self, options: EvalOptions):
+        if options.judge is None:
+            raise AlignError("the reward suite needs a judge: --judge RM_DIR (a `kind: reward_model` stage's "
+                             "final/ directory)")
+        self.options = options
+        self.judge = RewardSpec(model=str(options.judge), alias="judge")
+        self.source = options.prompts.get(self.name) or defaults.chat_prompts(options.out, options.limit)
+
+    def _scores(self, ckpt: Checkpoint, ctx: EvalContext) -> list[float | None]:
+        prompts = ctx.prompts(ckpt, self.source, self.options.limit)
+        groups = ctx.generate(ckpt, prompts, self.source, 1, self.options.greedy())
+        return ctx.score([self.judge], ckpt, prompts, groups).components[self.judge.key]
+
+    def run(self, ckpt: Checkpoint, ctx: EvalContext) -> dict[str, float]:
+        scores = self._scores(ckpt, ctx)
+        baseline = self.options.baseline or ckpt
+        return {"rm_score": nanmean(scores), "win_rate": win_rate(scores, self._scores(baseline, ctx))}
