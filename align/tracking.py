@@ -18,6 +18,9 @@ class MetricsLog:
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
+        if accelerator is not None and accelerator.log_with and not accelerator.trackers:
+            # tensorboard event files under <stage_dir>/<stage name>/ (the accelerator's project_dir)
+            accelerator.init_trackers(Path(stage_dir).name)
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is None:

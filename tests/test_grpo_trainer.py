@@ -29,7 +29,7 @@ def inputs(tmp_path_factory):
     return root, model
 
 
-def recipe(tmp_path: Path, inputs, **stage) -> Path:
+def recipe(tmp_path: Path, inputs, report_to=("none",), **stage) -> Path:
     root, model = inputs
     body = {"name": "rl", "kind": "grpo", "prompts": str(root / "prompts.jsonl"),
             "eval_prompts": str(root / "eval.jsonl"),
@@ -39,7 +39,7 @@ def recipe(tmp_path: Path, inputs, **stage) -> Path:
             "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 12}, "save_steps": 1, **stage}
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "model": {"path": str(model)},
-                                "logging": {"report_to": ["none"], "plots": True}, "stages": [body]}))
+                                "logging": {"report_to": list(report_to), "plots": True}, "stages": [body]}))
     return path
 
 
@@ -48,7 +48,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_grpo_stage_trains_logs_and_checkpoints(tmp_path, inputs):
-    results = run_pipeline(load_recipe(recipe(tmp_path, inputs)))
+    results = run_pipeline(load_recipe(recipe(tmp_path, inputs, report_to=["tensorboard"])))
     final = results["rl"].final
     before, after = weights(inputs[1]), weights(final)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -63,6 +63,7 @@ def test_grpo_stage_trains_logs_and_checkpoints(tmp_path, inputs):
     stage_dir = tmp_path / "run/rl"
     assert (stage_dir / "latest").read_text().strip() == "checkpoint-1"
     assert (stage_dir / "metrics.png").stat().st_size > 0
+    assert list(stage_dir.rglob("events.out.tfevents.*")), "metrics also go to tensorboard"
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert manifest["stages"]["rl"]["status"] == "done"
     assert "eval/math_accuracy (after)" in manifest["stages"]["rl"]["summary"]
