@@ -48,7 +48,7 @@ def cut_completion(ids: Sequence[int], eos_ids: set[int], stop: Sequence[str],
 # `generate` fills every field left None from the model's generation_config.json (Qwen ships
 # top_k=20, top_p=0.8, repetition_penalty=1.05) and then from global defaults (top_k=50): pin every
 # logits-changing field to "off", so only SamplingParams shapes the distribution.
-NEUTRAL_PROCESSING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+NEUTRAL_PROCESSING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
                           epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
                           no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=[],
                           begin_suppress_tokens=[], forced_bos_token_id=None, forced_eos_token_id=None)

@@ -119,3 +119,24 @@ def test_grpo_with_colocated_vllm_and_offload(tmp_path, inputs):
     assert steps[1]["rollout_is/logp_diff_max"] < 1e-2
     before, after = weights(inputs[1]), weights(results["rl"].final)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_grpo_with_two_rollout_servers(tmp_path, inputs):
+    from helpers.workers import start_worker, stop, wait_healthy
+
+    workers = [start_worker(inputs[1], "--engine", "hf"), start_worker(inputs[1], "--engine", "hf")]
+    try:
+        for proc, url in workers:
+            wait_healthy(proc, url)
+        path = recipe(tmp_path, inputs, rollout={"mode": "server", "servers": [u for _, u in workers]},
+                      offload=True)
+        results = run_pipeline(load_recipe(path))
+        import httpx
+
+        versions = [httpx.get(url + "/health").json()["weight_version"] for _, url in workers]
+    finally:
+        stop(workers)
+    assert versions == [2, 2], "both workers received the weights after each of the two steps"
+    before, after = weights(inputs[1]), weights(results["rl"].final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)

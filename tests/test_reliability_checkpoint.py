@@ -11,7 +11,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -20,48 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.checkpoint import (TRASH, checkpoint_steps, forget_latest, latest_checkpoint, load_checkpoint,
-                              save_checkpoint)
+from align.checkpoint import TRASH, checkpoint_steps, forget_latest, latest_checkpoint, load_checkpoint
 from align.errors import AlignError
+from helpers.save_loop import save_forever, save_marked, save_under_fsize_limit, small_model, stepped_optimizer
 
-KILLS = 30
-KEEP = 2
-
-
-def _model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(config)
+KILLS = 24
 
 
-def _optimizer(model) -> torch.optim.Optimizer:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    opt.step()  # so the state holds exp_avg/exp_avg_sq tensors
-    return opt
-
-
-def _save(stage_dir: Path, step: int, model, opt, keep_last: int = KEEP) -> Path:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(step)  # the weights say which step they belong to
-    return save_checkpoint(stage_dir, step, model=model, tokenizer=None, optimizer=opt, scheduler=None,
-                           state={"marker": step}, keep_last=keep_last)
-
-
-def _save_forever(stage_dir: Path, ready) -> None:
-    """Child process: continue from `latest` and save checkpoint after checkpoint until killed."""
-    torch.set_num_threads(1)
-    model = _model()
-    opt = _optimizer(model)
-    found = latest_checkpoint(stage_dir)
-    step = load_checkpoint(found, optimizer=opt)["step"] if found else 0
-    ready.set()
-    while True:
-        step += 1
-        _save(stage_dir, step, model, opt)
+@pytest.fixture(scope="module")
+def mp_ctx():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["helpers.save_loop"])
+    return ctx
 
 
 def _verify(stage_dir: Path) -> int:
@@ -82,20 +51,21 @@ def _verify(stage_dir: Path) -> int:
     return step
 
 
-def test_sigkill_during_saves_never_leaves_latest_unloadable(tmp_path):
-    ctx = mp.get_context("fork")
+@pytest.mark.slow
+def test_sigkill_during_saves_never_leaves_latest_unloadable(tmp_path, mp_ctx):
+    ctx = mp_ctx
     rng = random.Random(7)
     stage_dir = tmp_path / "stage"
     # one complete checkpoint first, so that every kill has something to protect
-    model = _model()
-    _save(stage_dir, 1, model, _optimizer(model))
+    model = small_model()
+    save_marked(stage_dir, 1, model, stepped_optimizer(model))
     mid_write, steps = 0, []
     for _ in range(KILLS):
         ready = ctx.Event()
-        child = ctx.Process(target=_save_forever, args=(stage_dir, ready), daemon=True)
+        child = ctx.Process(target=save_forever, args=(stage_dir, ready), daemon=True)
         child.start()
         assert ready.wait(60), "save loop did not start"
-        os.kill(child.pid, signal.SIGKILL) if child.join(rng.uniform(0.0, 0.25)) is None else None
+        os.kill(child.pid, signal.SIGKILL) if child.join(rng.uniform(0.0, 0.5)) is None else None
         child.join()
         assert child.exitcode == -signal.SIGKILL
         leftovers = [p.name for p in stage_dir.iterdir() if p.name.startswith((".tmp-", TRASH, ".latest.tmp"))]
@@ -107,27 +77,11 @@ def test_sigkill_during_saves_never_leaves_latest_unloadable(tmp_path):
 
 
 def test_a_kill_between_the_two_renames_of_a_resave_is_undone(tmp_path):
-    model = _model()
-    opt = _optimizer(model)
-    path = _save(tmp_path, 3, model, opt)
+    model = small_model()
+    opt = stepped_optimizer(model)
+    path = save_marked(tmp_path, 3, model, opt)
     os.replace(path, tmp_path / f"{TRASH}{path.name}")  # what commit_dir leaves if killed mid-replace
     assert latest_checkpoint(tmp_path) == path and _verify(tmp_path) == 3
-
-
-def _save_under_fsize_limit(stage_dir: Path, limit: int, conn) -> None:
-    """Child process: save step 1, then try step 2 with RLIMIT_FSIZE set; report the error."""
-    model = _model()
-    opt = _optimizer(model)
-    _save(stage_dir, 1, model, opt)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the write fails with EFBIG instead of killing us
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    try:
-        _save(stage_dir, 2, model, opt)
-        conn.send(("saved", ""))
-    except AlignError as exc:
-        conn.send(("AlignError", str(exc)))
-    except BaseException as exc:  # reported to the test, which fails on it
-        conn.send((type(exc).__name__, str(exc)))
 
 
 def _assert_previous_intact(stage_dir: Path, message: str) -> None:
@@ -138,10 +92,10 @@ def _assert_previous_intact(stage_dir: Path, message: str) -> None:
     assert not [p for p in stage_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path):
-    ctx = mp.get_context("fork")
+def test_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path, mp_ctx):
+    ctx = mp_ctx
     parent, child_end = ctx.Pipe()
-    child = ctx.Process(target=_save_under_fsize_limit, args=(tmp_path, 16_384, child_end))
+    child = ctx.Process(target=save_under_fsize_limit, args=(tmp_path, 16_384, child_end))
     child.start()
     kind, message = parent.recv()
     child.join()
@@ -167,17 +121,13 @@ def small_tmpfs(tmp_path):
 
 
 def test_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(small_tmpfs):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     # ~75k parameters: one checkpoint (weights + Adam moments) is ~0.9 MiB of the 1 MiB disk
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                         tie_word_embeddings=True))
-    opt = _optimizer(model)
+    model = small_model(vocab=512, hidden=64, layers=1, tied=True)
+    opt = stepped_optimizer(model)
     stage_dir = small_tmpfs / "stage"
-    _save(stage_dir, 1, model, opt)
+    save_marked(stage_dir, 1, model, opt)
     with pytest.raises(AlignError) as err:
-        _save(stage_dir, 2, model, opt)
+        save_marked(stage_dir, 2, model, opt)
     message = str(err.value)
     assert "disk is full" in message
     _assert_previous_intact(stage_dir, message)
@@ -185,15 +135,15 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(small_tmpfs):
 
 @pytest.mark.parametrize("keep_last", [1, 2, 3])
 def test_pruning_keeps_latest_and_drops_an_abandoned_runs_checkpoints(tmp_path, keep_last):
-    model = _model()
-    opt = _optimizer(model)
+    model = small_model()
+    opt = stepped_optimizer(model)
     for step in (7, 8, 9):  # an earlier run of the stage
-        _save(tmp_path, step, model, opt, keep_last)
+        save_marked(tmp_path, step, model, opt, keep_last)
     forget_latest(tmp_path)  # the pipeline starts the stage over
     for step in range(1, 5):
-        path = _save(tmp_path, step, model, opt, keep_last)
+        path = save_marked(tmp_path, step, model, opt, keep_last)
         assert latest_checkpoint(tmp_path) == path
-        assert checkpoint_steps(tmp_path) == list(range(max(1, step - keep_last + 1), step + 1))
+        assert sorted(checkpoint_steps(tmp_path)) == list(range(max(1, step - keep_last + 1), step + 1))
     assert _verify(tmp_path) == 4
 
 

@@ -10,7 +10,7 @@ from rollout.base import RolloutEngine, SamplingParams
 from rollout.config import RolloutConfig
 from rollout.factory import build_engine
 from rollout.hf import HFEngine, cut_completion, sampled_logprobs
-from test_rollout_support import chat_ids, model_dir  # noqa: F401  (model_dir is a fixture)
+from helpers.workers import chat_ids
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -14,37 +10,9 @@ from align.errors import AlignError
 from rollout.base import SamplingParams
 from rollout.client import RemoteEngines, split_runs
 from rollout.hf import HFEngine
-from test_rollout_support import chat_ids, model_dir  # noqa: F401  (model_dir is a fixture)
+from helpers.workers import chat_ids, start_worker, stop, wait_healthy
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_worker(model_dir, *options: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "align", "rollout", "serve", "--model", str(model_dir),
-                             "--port", str(port), *options],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout_s}s")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +23,7 @@ def workers(model_dir):
             wait_healthy(proc, url)
         yield started
     finally:
-        for proc, _ in started:
-            proc.kill()
-            proc.wait()
+        stop(started)
 
 
 @pytest.fixture(scope="module")

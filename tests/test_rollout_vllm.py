@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from rollout.base import SamplingParams  # noqa: E402
 from rollout.hf import HFEngine, sampled_logprobs  # noqa: E402
 from rollout.wire import pack_weights  # noqa: E402
-from test_rollout_support import chat_ids, model_dir  # noqa: E402, F401  (model_dir is a fixture)
+from helpers.workers import chat_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 LOGPROB_TOL = 1e-4  # float32; measured max gap is ~1e-6 (see docs/rollout.md)
