@@ -134,9 +134,11 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
     manifest = Manifest.load(out)
     selected = select_stages(recipe, only, start)
     forced = set(selected) if (only or start) else set()
-    prepare_inputs(recipe, manifest, console)
     stop = StopFlag()
-    stop.install()
+    stop.install()  # before anything slow, so a Ctrl-C is always a clean stop
+    prepare_inputs(recipe, manifest, console)
+    if stop.requested:
+        raise AlignError("stopped before the first stage; run the same command again to start")
     results: dict[str, StageResult] = {}
     for name in selected:
         stage = recipe.stage(name)

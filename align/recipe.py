@@ -73,16 +73,24 @@ def apply_override(data: dict, item: str) -> None:
         if isinstance(node, list):
             idx = _list_index(node, part, where)
             if last:
-                node[idx] = yaml.safe_load(raw)
+                node[idx] = _parse_value(item, raw)
             else:
                 node = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[part] = yaml.safe_load(raw)
+                node[part] = _parse_value(item, raw)
             else:
                 node = node.setdefault(part, {})
         else:
             raise AlignError(f"--set {item!r}: {where!r} is inside a value that is not a mapping or list")
+
+
+def _parse_value(item: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise AlignError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                         "quote it, e.g. --set 'key=\"text\"'") from None
 
 
 def _list_index(node: list, part: str, where: str) -> int:

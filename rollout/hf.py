@@ -14,6 +14,7 @@ numerics. At temperature 0 (greedy) T is taken as 1. They are gathered step by s
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -106,10 +107,16 @@ class HFEngine:
     `update_weights` skips tensors that already are the model's storage and only bumps the version.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int | None = None, record_routes: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # prompts per generate call (whole groups); None = all
+        # MoE routing replay: fill Sample.routes [completion_len, MoE layers, top_k]
+        self.record_routes = record_routes
+        if record_routes:
+            from align.moe.gates import require_gates
+
+            require_gates(model)
         self.weight_version = 0
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -120,13 +127,13 @@ class HFEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
-                        batch_size: int | None = None) -> HFEngine:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                        batch_size: int | None = None, record_routes: bool = False) -> HFEngine:
+        from align.models.load import load_causal_lm, load_tokenizer
 
         if not Path(model_dir, "config.json").is_file():
             raise AlignError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir), batch_size)
+        model = load_causal_lm(model_dir, dtype=dtype)  # safetensors only, no remote code
+        return cls(model.to(device).eval(), load_tokenizer(model_dir), batch_size, record_routes)
 
     supports_sleep = False  # the model is the trainer's (or tiny); nothing to release
 
@@ -155,6 +162,11 @@ class HFEngine:
             chunk = prompt_token_ids[start:start + step]
             groups += self._generate_chunk(chunk, n, sampling, seed=sampling.seed + start * n)
         return groups
+
+    def _route_recorder(self):
+        from align.moe.replay import RouteRecorder
+
+        return RouteRecorder(self.model) if self.record_routes else nullcontext()
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         if any(len(p) == 0 for p in prompts):
@@ -191,7 +203,8 @@ class HFEngine:
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
             stop_strings=list(sampling.stop) or None, **NEUTRAL_PROCESSING)
         devices = [self.model.device] if self.model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # seeded without disturbing the trainer's RNG
+        routes_rec = self._route_recorder()
+        with torch.random.fork_rng(devices=devices), routes_rec:  # seeded without disturbing the trainer's RNG
             torch.manual_seed(seed)
             out = self.model.generate(
                 input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
@@ -201,9 +214,12 @@ class HFEngine:
                 tokenizer=self.tokenizer if sampling.stop else None)
         new = out[:, ids.shape[1]:]
         logps = recorder.logprobs() if sampling.logprobs else None
+        # one decode step per new token: the last len(new) routed positions produced them
+        routes = routes_rec.routes()[:, -new.shape[1]:] if self.record_routes else None
         samples = []
         for row, tokens in enumerate(new.tolist()):
             kept, reason = cut_completion(tokens, self.eos_ids, sampling.stop, self.tokenizer.decode)
             samples.append(Sample(kept, logps[row][:len(kept)] if logps else None, reason,
-                                  weight_version=self.weight_version))
+                                  weight_version=self.weight_version,
+                                  routes=None if routes is None else routes[row, :len(kept)].clone()))
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]

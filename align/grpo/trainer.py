@@ -463,10 +463,11 @@ class GRPOTrainer:
                 if self.step % stage.logging_steps == 0 or self.step == self.total_steps:
                     log.log(self.step, metrics)
                 progress.update(task, advance=1, info=f"reward {metrics['reward']:.3f} loss {metrics['loss']:.4f}")
+                saved = None
                 if stage.save_steps and self.step % stage.save_steps == 0 and self.step < self.total_steps:
-                    self.save()
+                    saved = self.save()
                 if ctx.stop.requested:
-                    raise TrainingInterrupted(stage.name, self.step, self.save())
+                    raise TrainingInterrupted(stage.name, self.step, saved or self.save())
         eval_after = self.evaluate()
         if eval_after:
             log.log(self.step, eval_after)

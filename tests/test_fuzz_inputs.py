@@ -1,0 +1,149 @@
+"""Fuzzed recipes, data rows and reward outputs: the only failure a user can see is AlignError.
+
+Example counts (kept small enough for the whole file to run in well under a minute):
+recipes 300 dicts + 300 YAML texts + 300 mutations + 200 overrides, data rows 300 files per mode,
+reward outputs 400.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from align.errors import AlignError
+
+ROOT = Path(__file__).resolve().parents[1]
+VALID = yaml.safe_load((ROOT / "recipes" / "tests" / "grpo_tiny.yaml").read_text())
+
+
+def fuzz(n: int):
+    """Seeded (derandomized) so a failure reproduces; no deadline (the machine is shared)."""
+    return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+keys = st.one_of(st.sampled_from(["name", "model", "stages", "kind", "path", "lr", "seed", "rewards", "synth",
+                                  "output_dir", "tiny", "sampling", "prompts", "data", "max_steps"]),
+                 st.text(max_size=12))
+json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(keys, inner, max_size=5)),
+                           max_leaves=25)
+
+
+def _load(tmp_path: Path, text: str, overrides: list[str] | None = None):
+    from align.recipe import load_recipe
+
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        load_recipe(path, overrides, check_files=False)
+    except AlignError:
+        pass
+
+
+@fuzz(300)
+@given(data=json_values)
+def test_random_recipe_dicts(tmp_path_factory, data):
+    _load(tmp_path_factory.mktemp("r"), yaml.safe_dump(data))
+
+
+@fuzz(300)
+@given(text=st.text(alphabet=st.one_of(st.sampled_from(list("abcdekmst:-[]{}!&*|>'\"#%@`,.0123456789 \n\t")),
+                                      st.characters()), max_size=200))
+def test_random_yaml_text(tmp_path_factory, text):
+    _load(tmp_path_factory.mktemp("r"), text)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for k, v in items:
+        yield from _paths(v, (*prefix, k))
+
+
+PATHS = [p for p in _paths(VALID) if p]
+
+
+@fuzz(300)
+@given(path=st.sampled_from(PATHS), value=json_values, delete=st.booleans())
+def test_mutations_of_a_valid_recipe(tmp_path_factory, path, value, delete):
+    data = copy.deepcopy(VALID)
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    _load(tmp_path_factory.mktemp("r"), yaml.safe_dump(data))
+
+
+@fuzz(200)
+@given(overrides=st.lists(st.text(max_size=30) | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
+    [".".join(map(str, p)) for p in PATHS] + ["stages.9.lr", "stages.rl.lr", "x.y.z", "stages.-1"]),
+    st.text(max_size=15)), max_size=3))
+def test_random_overrides(tmp_path_factory, overrides):
+    _load(tmp_path_factory.mktemp("r"), yaml.safe_dump(VALID), overrides)
+
+
+lines = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40).map(
+    lambda b: b.replace(b"\n", b" ")),
+    st.sampled_from([b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+                     b'{"prompt": "2+2?", "answer": "4"}', b'{"prompt": "p", "chosen": "a", "rejected": "b"}',
+                     b'{"messages": [{"role": "usr", "content": 3}]}', b"[", b"\xff\xfe"]))
+
+
+@fuzz(600)
+@given(rows=st.lists(lines, max_size=12), kind=st.sampled_from(["conversations", "prompts", "preferences"]),
+       mode=st.sampled_from(["skip", "fail"]))
+def test_random_data_rows(tmp_path_factory, rows, kind, mode):
+    from align.data.io import ReadStats, read_rows
+
+    path = tmp_path_factory.mktemp("d") / "rows.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    stats = ReadStats()
+    try:
+        good = list(read_rows(path, kind, on_error=mode, stats=stats))
+    except AlignError:
+        assert mode == "fail" and stats.bad > 0
+        return
+    assert all(isinstance(row, dict) for row in good)
+    assert len(good) == stats.good and (mode == "skip" or stats.bad == 0)
+
+
+outputs = st.one_of(
+    st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**30, 10**30),
+                       st.text(max_size=5), st.booleans(), st.lists(st.integers(), max_size=2)), max_size=8),
+    st.none(), st.text(max_size=10), st.integers(), st.floats(), st.binary(max_size=4),
+    st.dictionaries(st.text(max_size=3), st.floats(), max_size=4),
+    st.sampled_from([ValueError("bad"), RuntimeError("boom"), ZeroDivisionError(), KeyError("k"),
+                     RecursionError(), MemoryError()]))
+
+
+@fuzz(400)
+@given(output=outputs, n=st.integers(1, 6), normalize=st.sampled_from(["none", "batch", "running"]))
+def test_random_reward_outputs(output, n, normalize):
+    import helpers.fuzz_rewards as scripted
+    from rewards.config import RewardSpec
+    from rewards.suite import RewardSuite
+
+    scripted.OUTPUT = output
+    suite = RewardSuite([RewardSpec(name="helpers.fuzz_rewards:scripted", fallback=0.25, normalize=normalize),
+                         RewardSpec(name="format")])
+    try:
+        scored = suite(["q"] * n, ["<answer>1</answer>"] * n)
+    except AlignError:
+        return
+    assert len(scored.total) == n
+    assert all(v is None or math.isfinite(v) for v in scored.total)
+    values = scored.components["scripted"]
+    assert len(values) == n and all(v is None or math.isfinite(v) for v in values)
+    failed = scored.metrics["rewards/scripted/failures"]
+    assert (failed == 0) == (scored.errors.get("scripted") is None)
