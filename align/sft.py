@@ -98,13 +98,13 @@ def prepare_data(ctx: StageContext, tokenizer, accelerator) -> SFTData:
 
 def _collate(rows: dict, packed: bool, pad_id: int) -> dict[str, torch.Tensor]:
     as_list = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
-    return packing.collate_packed(as_list) if packed else packing.collate_padded(as_list, pad_id)
+    return packing.collate_packed(as_list, pad_id) if packed else packing.collate_padded(as_list, pad_id)
 
 
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+def _real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
     """Tokens that are not padding (what tokens/s counts)."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return int(mask.sum()) if mask is not None else int((batch["input_ids"] != pad_id).sum())
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -175,7 +175,7 @@ def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator,
     for a in range(accum):
         mine = rows[(a * world + rank) * bs:(a * world + rank + 1) * bs]
         batch = _collate(data.train[np.sort(mine).tolist()], stage.packing, pad_id)
-        tokens += _real_tokens(batch)
+        tokens += _real_tokens(batch, pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
             ce, aux = token_loss_sum(model, batch, coef)

