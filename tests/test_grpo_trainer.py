@@ -142,8 +142,8 @@ def test_grpo_with_two_rollout_servers(tmp_path, inputs):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs):
-    moe = build_tiny(tmp_path / "moe", size="nano", arch="deepseek_v2")
+def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs, moe_dir):
+    moe = moe_dir
     path = recipe(tmp_path, (inputs[0], moe), routing_replay=True, max_steps=2,
                   per_device_batch_size=8)
     results = run_pipeline(load_recipe(path))

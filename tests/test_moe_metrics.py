@@ -14,14 +14,10 @@ from align.moe.metrics import (RouterStats, coefficient_of_variation, expert_loa
 
 
 @pytest.fixture(scope="module")
-def moe_model(tmp_path_factory):
+def moe_model(moe_dir):
     from transformers import AutoModelForCausalLM
 
-    from align.models.tiny import build_tiny
-
-    path = build_tiny(tmp_path_factory.mktemp("moe") / "model", "nano", arch="deepseek_v2",
-                      corpus_texts=2000)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return AutoModelForCausalLM.from_pretrained(moe_dir).eval()
 
 
 def test_expert_load_counts_slots_of_real_tokens():

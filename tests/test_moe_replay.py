@@ -19,14 +19,6 @@ from rollout.hf import HFEngine
 
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    from align.models.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("moe") / "model", "nano", arch="deepseek_v2",
-                      corpus_texts=2000)
-
-
-@pytest.fixture(scope="module")
 def engine(moe_dir):
     return HFEngine.from_pretrained(moe_dir, record_routes=True)
 

@@ -19,14 +19,6 @@ LOGPROB_TOL = 1e-4  # float32; measured max gap ~2e-6
 
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    from align.models.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("moe") / "model", "nano", arch="deepseek_v2",
-                      corpus_texts=2000)
-
-
-@pytest.fixture(scope="module")
 def engines(moe_dir):
     from rollout.vllm_engine import VLLMEngine
 
