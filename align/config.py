@@ -54,6 +54,7 @@ class SynthSpec(Strict):
     out: str
     form: Literal["conversations", "prompts", "preferences"] | None = None
     safety_share: float = Field(0.2, ge=0, le=1)
+    max_operand: int = Field(49, ge=1, description="Math: largest operand of the easy a ± b problems.")
 
 
 class DataSource(Strict):

@@ -105,8 +105,8 @@ def _synth(spec: SynthSpec, manifest: Manifest, console) -> None:
     key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
     if Path(spec.out).exists() and manifest.synth.get(spec.out) == key:
         return
-    n = write_jsonl(generate(spec.kind, spec.n, spec.seed, form=spec.form,
-                             safety_share=spec.safety_share), spec.out)
+    n = write_jsonl(generate(spec.kind, spec.n, spec.seed, form=spec.form, safety_share=spec.safety_share,
+                             max_operand=spec.max_operand), spec.out)
     manifest.synth[spec.out] = key
     console.print(f"synthesised {n} {spec.kind} rows → {spec.out}")
 

@@ -46,10 +46,11 @@ def synth_cmd(
     seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
     form: Annotated[Optional[str], typer.Option("--format", help="conversations (SFT) | prompts (GRPO); preference rows are always pairs.")] = None,
     safety_share: Annotated[float, typer.Option(help="Fraction of chat/preference rows in the safety category.")] = 0.2,
+    max_operand: Annotated[int, typer.Option(help="Math: largest operand of the easy a ± b problems.")] = 49,
 ) -> None:
     """Write deterministic synthetic data with known right answers, streaming to disk."""
     from align.data.io import write_rows
     from align.data.synth import generate
 
-    count = write_rows(generate(kind, n, seed, form=form, safety_share=safety_share), out)
+    count = write_rows(generate(kind, n, seed, form=form, safety_share=safety_share, max_operand=max_operand), out)
     typer.echo(f"wrote {count:,} {kind} rows to {out}")

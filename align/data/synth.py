@@ -20,6 +20,7 @@ at a time so millions of them stream to disk in constant memory.
 from __future__ import annotations
 
 import random
+from functools import partial
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -65,8 +66,8 @@ class MathProblem:
         return f"{work} The answer is {self.answer}."
 
 
-def _easy(rng: random.Random) -> MathProblem:
-    a, b = rng.randrange(50), rng.randrange(50)
+def _easy(rng: random.Random, max_operand: int = 49) -> MathProblem:
+    a, b = rng.randrange(max_operand + 1), rng.randrange(max_operand + 1)
     op = rng.choice("+-")
     if op == "-" and b > a:
         a, b = b, a
@@ -117,14 +118,14 @@ def _hard(rng: random.Random) -> MathProblem:
 _MATH_MAKERS = {"easy": _easy, "medium": _medium, "hard": _hard}
 
 
-def math_problem(rng: random.Random) -> MathProblem:
-    """Draw one problem: half easy, 30% medium, 20% hard."""
+def math_problem(rng: random.Random, max_operand: int = 49) -> MathProblem:
+    """Draw one problem: half easy (a ± b with operands up to `max_operand`), 30% medium, 20% hard."""
     level = rng.choices(_DIFFICULTIES, _DIFFICULTY_WEIGHTS)[0]
-    return _MATH_MAKERS[level](rng)
+    return _easy(rng, max_operand) if level == "easy" else _MATH_MAKERS[level](rng)
 
 
-def _math_row(rng: random.Random, form: str, safety_share: float) -> Row:
-    problem = math_problem(rng)
+def _math_row(rng: random.Random, form: str, safety_share: float, max_operand: int = 49) -> Row:
+    problem = math_problem(rng, max_operand)
     ask = [{"role": "user", "content": problem.question}]
     meta = {"answer": str(problem.answer), "category": "math", "difficulty": problem.difficulty}
     if form == "prompts":
@@ -355,7 +356,7 @@ _ROW_MAKERS: dict[str, Callable[[random.Random, str, float], Row]] = {
 
 
 def generate(kind: str, n: int, seed: int = 0, form: str | None = None,
-             safety_share: float = 0.2) -> Iterator[Row]:
+             safety_share: float = 0.2, max_operand: int = 49) -> Iterator[Row]:
     """Yield `n` rows of `kind` (math | chat | preference), deterministic in `seed`.
 
     `form` is "conversations" (``messages``; default for math and chat), "prompts" (``prompt``
@@ -372,7 +373,9 @@ def generate(kind: str, n: int, seed: int = 0, form: str | None = None,
     if n < 0:
         raise AlignError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    make = _ROW_MAKERS[kind]
+    if max_operand < 1:
+        raise AlignError(f"max_operand must be >= 1, got {max_operand}")
+    make = partial(_math_row, max_operand=max_operand) if kind == "math" else _ROW_MAKERS[kind]
     for _ in range(n):
         yield make(rng, form, safety_share)
 

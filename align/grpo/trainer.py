@@ -243,8 +243,8 @@ class GRPOTrainer:
         """Reward-model components may name an earlier stage (`model: helpful_rm`): use its final/."""
         names = {s.name for s in self.ctx.recipe.stages}
         out = Path(self.ctx.recipe.output_dir)
-        return [s.model_copy(update={"model": str(out / s.model / "final")}) if s.model in names else s
-                for s in self.stage.rewards]
+        return [s.model_copy(update={"model": str(out / s.model / "final"), "alias": s.alias or s.model})
+                if s.model in names else s for s in self.stage.rewards]
 
     def _build_engine(self):
         from rollout.factory import build_engine
