@@ -48,6 +48,26 @@ def import_vllm():
     return vllm
 
 
+def _forget_previous_engine() -> None:
+    """An in-process engine leaves vLLM's distributed state behind when it is shut down (its
+    cached world group outlives torch's process group), and the next engine in the same process
+    then fails to start. Clear both, so a process can build engines one after another."""
+    import torch.distributed as dist
+    from vllm.distributed import parallel_state
+
+    if parallel_state._WORLD is None:
+        return
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, parallel_state.GroupCoordinator):
+            try:
+                value.destroy()
+            except (ValueError, RuntimeError, AssertionError):
+                pass  # its process group is already gone
+            setattr(parallel_state, name, None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def reload_into(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint-format (HF-named) tensors into a live vLLM worker, in place."""
     if hasattr(worker, "reload_weights"):
@@ -90,6 +110,7 @@ class VLLMEngine:
             cpu["enable_chunked_prefill"] = False
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # a user's setting wins
                 cpu["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+        _forget_previous_engine()
         self.llm = vllm.LLM(
             str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
