@@ -161,3 +161,14 @@ def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs, moe_
 def test_routing_replay_refuses_a_dense_model(tmp_path, inputs):
     with pytest.raises(AlignError, match="no MoE routers"):
         run_pipeline(load_recipe(recipe(tmp_path, inputs, routing_replay=True)))
+
+
+def test_trl_reward_functions_run_unchanged_in_a_grpo_stage(tmp_path, inputs):
+    path = recipe(tmp_path, inputs, max_steps=1, save_steps=None,
+                  rewards=[{"name": "trl.rewards:think_format_reward"},
+                           {"name": f"{FIXTURES}/user_rewards.py:char_diversity"}])
+    run_pipeline(load_recipe(path))
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if "loss" in r)
+    assert step["rewards/think_format_reward/failures"] == 0  # called with TRL's arguments, no fallback
+    assert step["rewards/think_format_reward/mean"] == 0.0  # no <think> block from this model
