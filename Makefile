@@ -2,7 +2,6 @@
 # Each creates .venv and installs everything on a fresh machine; later runs reuse it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUN_DIR ?= runs/quickstart
 
 .PHONY: setup quickstart test test-fast clean
 setup: $(VENV)/.installed
@@ -12,7 +11,7 @@ $(VENV)/.installed: pyproject.toml .ci/setup.sh
 	touch $@
 
 quickstart: setup
-	$(PY) -m align quickstart --out $(RUN_DIR)
+	$(PY) -m align train recipes/quickstart.yaml
 
 test: setup
 	$(PY) -m pytest -q
