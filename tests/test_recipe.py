@@ -148,3 +148,12 @@ def test_dry_run_every_recipe(recipe):
     proc = _cli("train", str(recipe), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "dry run" in proc.stdout and "steps" in proc.stdout
+
+
+def test_readme_quickstart_command_resolves():
+    """`make quickstart` runs the command under the Makefile's quickstart target: it must parse."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    command = lines[lines.index("quickstart: setup") + 1].strip().replace("$(PY)", sys.executable)
+    proc = subprocess.run([*command.split(), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: quickstart" in proc.stdout
