@@ -23,6 +23,7 @@ supervision).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -214,11 +215,11 @@ class GRPOTrainer:
                                       allow_pickle=recipe.model.allow_pickle_weights).eval()
             self.ref.requires_grad_(False)
             self.ref.to(self.acc.device)
+        self.prompts = load_prompts(stage.prompts, self.tokenizer, stage.max_prompt_len)
         self.optimizer = build_optimizer(model, stage)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, stage, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
-        self.prompts = load_prompts(stage.prompts, self.tokenizer, stage.max_prompt_len)
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
         self.rewards = RewardSuite(self._reward_specs(), stage.reward_isolation)
@@ -231,13 +232,10 @@ class GRPOTrainer:
     # -------------------------------------------------------------------------------- setup
 
     def _total_steps(self) -> int:
-        per_epoch = None
-        if self.stage.max_steps is None:
-            from align.data.io import read_prompts
-
-            n = sum(1 for src in self.stage.prompts for _ in read_prompts(src.path))
-            per_epoch = max(1, n // self.stage.prompts_per_step)
-        return self.stage.max_steps or max(1, math.ceil(self.stage.epochs * per_epoch))
+        if self.stage.max_steps is not None:
+            return self.stage.max_steps
+        per_epoch = max(1, len(self.prompts) // self.stage.prompts_per_step)
+        return max(1, math.ceil(self.stage.epochs * per_epoch))
 
     def _reward_specs(self):
         """Reward-model components may name an earlier stage (`model: helpful_rm`): use its final/."""
@@ -295,13 +293,14 @@ class GRPOTrainer:
         per_step, n = self.stage.prompts_per_step, len(source)
         local = per_step // self.world
         start = step * per_step + self.acc.process_index * local
-        out = []
-        for pos in range(start, start + local):
-            epoch, offset = divmod(pos, n)
-            order = list(range(n))
-            random.Random(self.ctx.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(order[offset])
-        return out
+        return [self._epoch_order(epoch, n)[offset]
+                for epoch, offset in (divmod(pos, n) for pos in range(start, start + local))]
+
+    @functools.lru_cache(maxsize=2)  # the current epoch, and the next one at a boundary
+    def _epoch_order(self, epoch: int, n: int) -> list[int]:
+        order = list(range(n))
+        random.Random(self.ctx.seed * 1_000_003 + epoch).shuffle(order)
+        return order
 
     def sampling(self, step: int, greedy: bool = False) -> SamplingParams:
         s = self.stage.sampling
@@ -450,11 +449,10 @@ class GRPOTrainer:
                  for name, vals in scored.components.items()}
         out: dict[str, float] = {}
         for name, vals in local.items():
-            gathered = self.acc.gather_for_metrics(torch.tensor(vals, device=self.acc.device)).cpu()
-            out[f"eval/{name}"] = float(torch.nanmean(gathered))
+            vals_t = torch.tensor(vals, device=self.acc.device)
+            out[f"eval/{name}"] = float(torch.nanmean(self.acc.gather_for_metrics(vals_t).cpu()))
             for cat in sorted(set(columns.get("category", []))):
                 sel = torch.tensor([c == cat for c in columns["category"]], device=self.acc.device)
-                vals_t = torch.tensor(vals, device=self.acc.device)
                 num = self.acc.reduce(torch.nan_to_num(vals_t * sel).sum(), "sum")
                 den = self.acc.reduce(sel.sum().float(), "sum")
                 out[f"eval/{name}/{cat}"] = float(num / den.clamp(min=1))
