@@ -100,13 +100,10 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center: float | No
 def load_reward_model(recipe, stage: RewardModelStage, path: Path, pad_id: int):
     from transformers import AutoModelForSequenceClassification
 
-    from align.models.load import check_weights
+    from align.models.load import load_pretrained
 
-    check_weights(path, recipe.model.allow_pickle_weights)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32 if recipe.model.dtype == "float32" else recipe.model.dtype,
-        trust_remote_code=recipe.model.trust_remote_code,
-        use_safetensors=None if recipe.model.allow_pickle_weights else True)
+    model = load_pretrained(AutoModelForSequenceClassification, path, recipe.model.dtype,
+                            recipe.model.trust_remote_code, recipe.model.allow_pickle_weights, num_labels=1)
     model.config.pad_token_id = pad_id  # the head reads the last token before the first pad
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

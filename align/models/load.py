@@ -35,14 +35,20 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, DTYPES[name])
 
 
+def load_pretrained(auto_class, path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+                    allow_pickle: bool = False, **kwargs):
+    """`auto_class.from_pretrained` with align's safety rules (weights checked, no remote code)."""
+    check_weights(path, allow_pickle)
+    return auto_class.from_pretrained(
+        path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True, **kwargs)
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                    allow_pickle: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    check_weights(path, allow_pickle)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True, **kwargs)
+    return load_pretrained(AutoModelForCausalLM, path, dtype, trust_remote_code, allow_pickle, **kwargs)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
