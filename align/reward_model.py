@@ -151,6 +151,7 @@ def run(ctx: StageContext) -> StageResult:
     steps_per_epoch = len(train_pairs) // global_batch
     total = total_optimizer_steps(stage, steps_per_epoch)
     weights = ctx.resume_from if ctx.resume_from is not None and stage.lora is None else ctx.init_model
+    torch.manual_seed(ctx.seed)  # the new score head's init depends on the stage's seed only
     model = load_reward_model(recipe, stage, Path(weights), pad_id)
     optimizer = build_optimizer(model, stage)
     scheduler = build_scheduler(optimizer, stage, total)
