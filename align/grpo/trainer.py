@@ -207,6 +207,7 @@ class GRPOTrainer:
         from rewards.suite import RewardSuite
 
         self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
+        torch.manual_seed(ctx.seed)  # LoRA init depends on the stage's seed, not on earlier stages
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
         self.ref = None
         if stage.beta > 0 and stage.reference == "frozen_copy":
