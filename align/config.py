@@ -190,6 +190,23 @@ class LoggingConfig(Strict):
     plots: bool = True
 
 
+class EvaluateConfig(Strict):
+    """The side-by-side evaluation `align train` runs once every stage is done (`align eval
+    RUN_DIR` with these settings): each policy stage's final checkpoint on the same suites, so SFT
+    and both RL stages, and the alignment tax between them, sit in one table (`<output_dir>/eval/`)."""
+
+    suites: Annotated[list[str], Field(min_length=1)] = ["math", "safety"]
+    stages: list[str] = Field([], description="Policy stages to compare, in order; empty = all of them.")
+    judge: str | None = Field(None, description="reward_model stage (or model dir) for the `reward` suite.")
+    prompts: dict[str, str] = Field({}, description="suite -> prompts file; default: held-out synthetic.")
+    limit: int | None = Field(None, gt=0, description="Prompts per suite.")
+    engine: Literal["auto", "hf", "vllm"] = "hf"
+    k: list[Annotated[int, Field(ge=1)]] = Field([], description="pass@k for math/code; [] = greedy only.")
+    temperature: float = Field(0.8, ge=0)
+    max_new_tokens: int = Field(256, gt=0)
+    max_prompt_len: int = Field(512, gt=0)
+
+
 class Recipe(Strict):
     name: str = "run"
     output_dir: str = "runs/run"
@@ -198,6 +215,7 @@ class Recipe(Strict):
     synth: list[SynthSpec] = []
     stages: Annotated[list[Stage], Field(min_length=1)]
     logging: LoggingConfig = LoggingConfig()
+    evaluate: EvaluateConfig | None = None
 
     @model_validator(mode="after")
     def _stage_graph(self) -> "Recipe":
@@ -210,6 +228,17 @@ class Recipe(Strict):
                 raise ValueError(f"stages[{i}].init: {stage.init!r} is not an earlier stage; "
                                  f"use {hint}`model`, or a model directory")
             seen.add(stage.name)
+        if self.evaluate is not None:
+            kinds = {s.name: s.kind for s in self.stages}
+            for i, name in enumerate(self.evaluate.stages):
+                if kinds.get(name) in (None, "reward_model"):
+                    policies = [n for n, k in kinds.items() if k != "reward_model"]
+                    raise ValueError(f"evaluate.stages[{i}]: {name!r} is not a policy stage; use one of {policies}")
+            judge = self.evaluate.judge
+            if judge is not None and not _looks_like_path(judge) and kinds.get(judge) != "reward_model":
+                rms = [n for n, k in kinds.items() if k == "reward_model"]
+                raise ValueError(f"evaluate.judge: {judge!r} is not a reward_model stage; use one of {rms} "
+                                 "or a model directory")
         return self
 
     def stage(self, name: str) -> Stage:

@@ -31,6 +31,7 @@ class Manifest:
     path: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     synth: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, output_dir: Path) -> "Manifest":
@@ -41,14 +42,15 @@ class Manifest:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise AlignError(f"{path}: corrupt manifest ({exc}); delete it to start the run over") from None
-        return cls(path, raw.get("stages", {}), raw.get("synth", {}))
+        return cls(path, raw.get("stages", {}), raw.get("synth", {}), raw.get("evaluation", {}))
 
     def save(self, recipe: Recipe) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         order = {s.name: i for i, s in enumerate(recipe.stages)}
         stages = dict(sorted(self.stages.items(), key=lambda kv: order.get(kv[0], 1 << 30)))
         write_text_atomic(self.path, json.dumps(
-            {"recipe": recipe.name, "stages": stages, "synth": self.synth}, indent=2) + "\n")
+            {"recipe": recipe.name, "stages": stages, "synth": self.synth, "evaluation": self.evaluation},
+            indent=2) + "\n")
 
     def update(self, name: str, **values: Any) -> None:
         self.stages.setdefault(name, {}).update(values)
@@ -163,11 +165,11 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
         ctx = StageContext(recipe=recipe, stage=stage, stage_dir=stage_dir,
                            init_model=resolve_init(recipe, manifest, stage.init),
                            resume_from=resume, stop=stop)
+        # every rank keeps the manifest in memory (later stages resolve `init` from it); main writes it
+        manifest.update(name, status="running", kind=stage.kind, config_hash=digest, processes=_state().num_processes,
+                        started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if _is_main():
-            manifest.update(name, status="running", kind=stage.kind, config_hash=digest,
-                            started=time.strftime("%Y-%m-%dT%H:%M:%S"))
             manifest.save(recipe)
-        if _is_main():
             console.rule(f"stage {name} ({stage.kind})" + (f" — resuming from {resume.name}" if resume else ""))
         try:
             result = importlib.import_module(RUNNERS[stage.kind]).run(ctx)
@@ -176,13 +178,31 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
                 manifest.update(name, status="stopped", checkpoint=str(latest_checkpoint(stage_dir)))
                 manifest.save(recipe)
             raise
+        manifest.update(name, status="done", final=str(result.final), summary=result.summary,
+                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if _is_main():
-            manifest.update(name, status="done", final=str(result.final), summary=result.summary,
-                            finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
             manifest.save(recipe)
             print_stage_summary(console, name, result.summary)
             plot_stage(stage_dir)
         results[name] = result
+    _evaluate_run(recipe, manifest, console)
     if _is_main():
-        print_run_summary(console, manifest.stages)
+        print_run_summary(console, manifest.stages, manifest.evaluation)
     return results
+
+
+def _evaluate_run(recipe: Recipe, manifest: Manifest, console) -> None:
+    """The recipe's `evaluate:` section, once every stage it needs is done (main process; the
+    others wait). Skipped when its settings and stages are unchanged since it last ran."""
+    from align.evaluate.after_run import evaluation_hash, ready, run_evaluation
+
+    if not ready(recipe, manifest.stages):
+        return
+    digest = evaluation_hash(recipe, manifest.stages)
+    if _is_main():
+        if manifest.evaluation.get("config_hash") == digest and manifest.evaluation.get("status") == "done":
+            console.print(f"[dim]evaluation: done, skipping ({manifest.evaluation['report']})[/]")
+        else:
+            manifest.evaluation = {**run_evaluation(recipe, manifest.stages, console), "config_hash": digest}
+            manifest.save(recipe)
+    _wait()

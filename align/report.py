@@ -32,7 +32,8 @@ def print_stage_summary(console, name: str, summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_run_summary(console, stages: dict[str, dict[str, Any]]) -> None:
+def print_run_summary(console, stages: dict[str, dict[str, Any]], evaluation: dict[str, Any] | None = None) -> None:
+    """The stages table, then (when the recipe evaluates) every metric by checkpoint, side by side."""
     from rich.table import Table
 
     table = Table(title="run summary", header_style="bold")
@@ -44,6 +45,35 @@ def print_run_summary(console, stages: dict[str, dict[str, Any]]) -> None:
         table.add_row(name, entry.get("kind", ""), entry.get("status", ""),
                       "; ".join(f"{k}={_fmt(summary[k])}" for k in keys[:4]), entry.get("final", ""))
     console.print(table)
+    if evaluation and evaluation.get("metrics"):
+        console.print(_evaluation_table(evaluation))
+
+
+def _evaluation_table(evaluation: dict[str, Any]):
+    """Rows: suite/metric (↑ higher is better, ↓ lower); columns: checkpoints; red where a later
+    checkpoint is worse than the first (the alignment tax), green where better."""
+    from rich.table import Table
+
+    metrics: dict[str, dict[str, Any]] = evaluation["metrics"]
+    labels = list(next(iter(metrics.values()))["values"])
+    table = Table(title=f"evaluation, side by side ({evaluation.get('report', '')})", header_style="bold")
+    table.add_column("metric")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for name, metric in metrics.items():
+        values, up = metric["values"], metric["higher_is_better"]
+        first = values.get(labels[0])
+        cells = []
+        for label in labels:
+            value = values.get(label)
+            if value is None:
+                cells.append("n/a")
+                continue
+            style = "" if first is None or value == first or label == labels[0] else \
+                "green" if (value > first) == up else "red"
+            cells.append(f"[{style}]{_fmt(float(value))}[/]" if style else _fmt(float(value)))
+        table.add_row(f"{name} {'↑' if up else '↓'}", *cells)
+    return table
 
 
 def _panel_of(key: str) -> str:

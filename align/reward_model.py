@@ -13,6 +13,8 @@ the last token.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from align.checkpoint import load_checkpoint, save_checkpoint, save_final
+from align.checkpoint import load_checkpoint, save_checkpoint, save_final, write_text_atomic
 from align.config import RewardModelStage
 from align.data.packing import epoch_order
 from align.errors import AlignError
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
+from rewards.model import CALIBRATION_FILE
 from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
                                build_scheduler, make_accelerator, maybe_no_sync, optimizer_step,
                                total_optimizer_steps)
@@ -118,21 +121,41 @@ def load_reward_model(recipe, stage: RewardModelStage, path: Path, pad_id: int):
 
 @torch.no_grad()
 def evaluate(model, pairs: Pairs, accelerator, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Held-out pairwise accuracy (chosen scored above rejected) and mean margin."""
+    """Held-out pairwise accuracy (chosen scored above rejected) and mean margin. Each rank scores
+    its share through the unwrapped model (ranks may hold different numbers of batches, and a DDP
+    forward is a collective), then one reduce of (wins, Σ margin, pairs)."""
     model.eval()
-    wins, margins = [], []
+    local = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     idx = list(range(rank, len(pairs), world))
+    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     for start in range(0, len(idx), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in
                  collate(pairs.take(idx[start:start + batch_size]), pad_id).items()}
-        rc, rr = pair_scores(model, batch)
-        wins.append((rc > rr).float())
-        margins.append(rc - rr)
-    win = accelerator.gather_for_metrics(torch.cat(wins) if wins else torch.zeros(0, device=accelerator.device))
-    margin = accelerator.gather_for_metrics(torch.cat(margins) if margins else torch.zeros(0, device=accelerator.device))
+        rc, rr = pair_scores(local, batch)
+        both = torch.cat([rc, rr]).double()
+        totals += torch.stack([(rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(rc)), both.sum(),
+                               both.square().sum()]).double()
+    totals = accelerator.reduce(totals, reduction="sum") if world > 1 else totals
     model.train()
-    return {"eval_accuracy": float(win.mean()), "eval_margin": float(margin.mean())}
+    n = float(totals[2]) or math.nan
+    center = float(totals[3]) / (2 * n)
+    spread = math.sqrt(max(float(totals[4]) / (2 * n) - center ** 2, 0.0))
+    return {"eval_accuracy": float(totals[0]) / n, "eval_margin": float(totals[1]) / n,
+            "score_center": center, "score_scale": spread}
+
+
+def write_calibration(final: Path, metrics: dict[str, float]) -> None:
+    """`reward_calibration.json` next to the weights: the held-out scores' centre (midpoint of the
+    chosen and rejected responses) and spread. Bradley-Terry training fixes score differences only,
+    so the raw offset is arbitrary (it moves with the score head's init); the scorer standardises
+    with these numbers, so a gate of 0 means "between a typical chosen and rejected response" and
+    two reward models' scores share one scale."""
+    if not math.isfinite(metrics.get("score_center", math.nan)) or not metrics.get("score_scale"):
+        return
+    write_text_atomic(final / CALIBRATION_FILE, json.dumps(
+        {"center": metrics["score_center"], "scale": metrics["score_scale"], "from": "held-out preference pairs"},
+        indent=2) + "\n")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -195,10 +218,12 @@ def run(ctx: StageContext) -> StageResult:
         log.log(step, after)
     final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=acc,
                        merge_lora=stage.lora.merge_on_save if stage.lora else True)
+    if acc.is_main_process:
+        write_calibration(final, after)
     summary = {"steps": step, "train_pairs": len(train_pairs), "eval_pairs": n_eval,
                "loss_first_step": first_loss, "loss_last_step": loss_value,
                "time_s": round(time.perf_counter() - started, 1), "skipped_steps": guard.skipped}
-    summary.update({f"{k} (before)": v for k, v in before.items()})
+    summary.update({f"{k} (before)": v for k, v in before.items() if not k.startswith("score_")})
     summary.update(after)
-    acc.end_training()
+    log.close()
     return StageResult(final=final, summary=summary)

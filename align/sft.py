@@ -141,17 +141,20 @@ def router_balance_loss(model, out) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | None:
-    """Mean held-out loss per target token over the eval rows (split across ranks)."""
+    """Mean held-out loss per target token over the eval rows (split across ranks). Forward passes
+    go through the unwrapped model: ranks may hold different numbers of eval batches, and a DDP
+    forward is a collective (buffer broadcast), so it would deadlock."""
     if data.eval is None or len(data.eval) == 0:
         return None
     model.eval()
+    local = accelerator.unwrap_model(model)
     rank, world, bs = accelerator.process_index, accelerator.num_processes, stage.per_device_batch_size
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for start in range(rank * bs, len(data.eval), world * bs):
         batch = _collate(data.eval[start:start + bs], stage.packing, pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            ce, _ = token_loss_sum(model, batch, 0.0)
+            ce, _ = token_loss_sum(local, batch, 0.0)
         total[0] += ce.double()
     total[1] = float(data.eval_targets.sum()) if rank == 0 else 0.0
     total = accelerator.reduce(total, reduction="sum") if world > 1 else total
@@ -293,6 +296,7 @@ def run(ctx: StageContext) -> StageResult:
                **model_summary(accelerator.unwrap_model(model))}
     final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=accelerator,
                        merge_lora=stage.lora.merge_on_save if stage.lora is not None else True)
+    metrics.close()
     if last_loss is not None and not math.isfinite(last_loss):
         raise AlignError(f"stage {stage.name!r} ended with a non-finite loss; lower lr or check the data")
     return StageResult(final=final, summary=summary)

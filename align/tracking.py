@@ -45,6 +45,13 @@ class MetricsLog:
             numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log(numeric, step=step)
 
+    def close(self) -> None:
+        """Flush and close the trackers. Not `accelerator.end_training()`: that also destroys the
+        process group, which the pipeline's next stage still needs under `accelerate launch`."""
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
 
 def _clean(value: Any) -> Any:
     if hasattr(value, "item"):

@@ -26,13 +26,16 @@ class RewardSpec(BaseModel):
         "none", description="Per-component z-score: over the batch, or with running mean/std kept across steps.")
     gate: float | None = Field(None, description="Safety gate: a raw score below this caps the sample's total.")
     gate_penalty: float = Field(-1.0, description="The cap applied to the total when the gate trips.")
+    when: dict[str, list[Any]] | None = Field(
+        None, description="Score only rows whose dataset columns take these values, e.g. {category: [safety]}; "
+                          "other rows get None (not applicable) and the other components carry their total.")
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSpec:
         if (self.name is None) == (self.model is None):
             raise ValueError("a reward needs exactly one of `name` (a function) or `model` (a reward-model directory)")
-        if self.model is not None and self.kwargs.keys() - {"device", "batch_size", "max_length"}:
-            raise ValueError("reward-model kwargs accept only device, batch_size and max_length")
+        if self.model is not None and self.kwargs.keys() - {"device", "batch_size", "max_length", "calibrate"}:
+            raise ValueError("reward-model kwargs accept only device, batch_size, max_length and calibrate")
         return self
 
     @property

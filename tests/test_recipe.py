@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,18 @@ def test_init_must_name_an_earlier_stage(tmp_path, files):
     assert "stages[0].init: 'rl' is not an earlier stage" in str(err.value)
 
 
+@pytest.mark.parametrize("extra, message", [
+    ("evaluate: {stages: [rm]}\n", "evaluate.stages[0]: 'rm' is not a policy stage; use one of ['sft']"),
+    ("evaluate: {judge: sft}\n", "evaluate.judge: 'sft' is not a reward_model stage; use one of ['rm']"),
+    ("evaluate: {suites: []}\n", "evaluate.suites"),
+])
+def test_evaluate_section_names_real_stages(tmp_path, files, extra, message):
+    rm = "  - name: rm\n    kind: reward_model\n    init: sft\n    data: {data}\n".format(data=files[1])
+    with pytest.raises(AlignError) as err:
+        load_recipe(write(tmp_path, files, extra=rm + extra))
+    assert message in str(err.value)
+
+
 def test_invalid_yaml_gives_the_line(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model:\n  path: [unclosed\nstages: []\n")
@@ -157,3 +170,18 @@ def test_readme_quickstart_command_resolves():
     proc = subprocess.run([*command.split(), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "dry run: quickstart" in proc.stdout
+
+
+def test_moe_quickstart_is_the_quickstart_on_deepseek_v2():
+    """quickstart_moe.yaml differs from quickstart.yaml only in name, paths, architecture and replay."""
+    dense = load_recipe(ROOT / "recipes" / "quickstart.yaml", check_files=False).model_dump(mode="json")
+    moe = load_recipe(ROOT / "recipes" / "quickstart_moe.yaml", check_files=False).model_dump(mode="json")
+    moe_text = json.dumps(moe).replace("runs/quickstart-moe", "runs/quickstart")
+    moe = json.loads(moe_text)
+    assert moe["model"]["tiny"].pop("arch") == "deepseek_v2" and dense["model"]["tiny"].pop("arch") == "qwen2"
+    for stage in moe["stages"]:
+        if stage["kind"] == "grpo":
+            assert stage["routing_replay"] is True
+            stage["routing_replay"] = False
+    moe["name"] = dense["name"]
+    assert moe == dense

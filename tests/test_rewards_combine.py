@@ -57,3 +57,26 @@ def test_running_norm_resume_is_exact():
     assert [combine(rules, {"a": b}, resumed).total for b in batches[1:]] == expected[1:]
     # second batch: running stats over [1, 2, 5] -> mean 8/3, population std sqrt(26/9)
     assert expected[1][0] == pytest.approx((5 - 8 / 3) / (math.sqrt(26 / 9) + 1e-6))
+
+
+def test_when_scores_only_matching_rows_and_reweights_the_rest():
+    """Llama-2-style routing: a component applies to the rows of one category; the others get None
+    and the remaining components carry their total (rescaled to the full weight mass)."""
+    from pathlib import Path
+
+    from align.errors import AlignError
+    from rewards.config import RewardSpec
+    from rewards.suite import RewardSuite
+
+    fixture = str(Path(__file__).parent / "fixtures" / "user_rewards.py")
+    specs = [RewardSpec(name=f"{fixture}:text_length", alias="safety_len", weight=1.0, when={"category": ["safety"]}),
+             RewardSpec(name=f"{fixture}:char_diversity", alias="diversity", weight=1.0)]
+    suite = RewardSuite(specs)
+    prompts, completions = ["p0", "p1", "p2"], ["aa", "abc", "abcd"]
+    out = suite(prompts, completions, category=["helpfulness", "safety", "helpfulness"])
+    assert out.components["safety_len"] == [None, 3.0, None]
+    assert out.extras["seen_prompt"] == [None, "p1", None]  # called on row 1 only, logged back in place
+    # rows 0 and 2: only diversity applies, rescaled by 2/1; row 1: 3 + 0.3
+    assert out.total == pytest.approx([0.2, 3.3, 0.8])  # "aa" has one distinct character
+    with pytest.raises(AlignError, match="column 'category', which the prompts do not have"):
+        suite(prompts, completions)

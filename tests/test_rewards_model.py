@@ -53,3 +53,18 @@ def test_missing_or_unsafe_model(tmp_path, rm_dir):
     (tmp_path / "config.json").write_text((rm_dir / "config.json").read_text())
     with pytest.raises(AlignError, match="safetensors"):
         RewardModelScorer(tmp_path)(["a"], ["b"])
+
+
+def test_calibration_standardises_scores(tmp_path, rm_dir):
+    import json
+    import shutil
+
+    calibrated = shutil.copytree(rm_dir, tmp_path / "rm")
+    (calibrated / "reward_calibration.json").write_text(json.dumps({"center": 0.25, "scale": 2.0}))
+    prompts, completions = ["Q: 2+2? "] * 2, ["The answer is 4.", "five"]
+    raw = RewardModelScorer(rm_dir)(prompts, completions)
+    assert RewardModelScorer(calibrated)(prompts, completions) == pytest.approx([(r - 0.25) / 2.0 for r in raw])
+    assert RewardModelScorer(calibrated, calibrate=False)(prompts, completions) == pytest.approx(raw)
+    (calibrated / "reward_calibration.json").write_text(json.dumps({"center": 0.0, "scale": 0.0}))
+    with pytest.raises(AlignError, match="reward_calibration.json: scale must be > 0"):
+        RewardModelScorer(calibrated)

@@ -199,7 +199,9 @@ class GRPOTrainer:
                              f"multiple of the number of processes ({self.world}), so whole groups stay "
                              "on one rank")
         local_samples = stage.prompts_per_step // self.world * stage.group_size
-        if local_samples % stage.per_device_batch_size:
+        # rows per forward pass: at most per_device_batch_size, so a recipe runs on 1 or N processes
+        self.micro = min(stage.per_device_batch_size, local_samples)
+        if local_samples % self.micro:
             raise AlignError(f"stages.{stage.name}.per_device_batch_size={stage.per_device_batch_size} must "
                              f"divide the {local_samples} samples each process trains on per step "
                              "(prompts_per_step / processes × group_size), so every micro-batch weighs the same")
@@ -347,7 +349,7 @@ class GRPOTrainer:
         t_len = data["completion_mask"].size(1)
         dev = acc.device
         tensors = {k: v.to(dev) for k, v in data.items()}
-        micro = stage.per_device_batch_size
+        micro = self.micro
         routes = None
         if stage.routing_replay:  # experts the rollout chose, at the positions whose logits we read
             routes = routes_to_batch([len(p) for p in prompt_ids], [s.routes for s in samples],
@@ -446,18 +448,24 @@ class GRPOTrainer:
         idx = list(range(self.acc.process_index, n, self.world))
         batch = self.eval_prompts.take(idx)
         _, _, scored, columns = self.generate_and_score(batch, self.sampling(0, greedy=True), PhaseTimer())
-        local = {name: [math.nan if v is None else float(v) for v in vals]
-                 for name, vals in scored.components.items()}
+        categories = sorted({c for c in self.eval_prompts.columns.get("category", [])[:n] if c is not None})
         out: dict[str, float] = {}
-        for name, vals in local.items():
-            vals_t = torch.tensor(vals, device=self.acc.device)
-            out[f"eval/{name}"] = float(torch.nanmean(self.acc.gather_for_metrics(vals_t).cpu()))
-            for cat in sorted(set(columns.get("category", []))):
+        for name, vals in scored.components.items():
+            vals_t = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float64,
+                                  device=self.acc.device)
+            out[f"eval/{name}"] = self._mean_over_ranks(vals_t, torch.ones_like(vals_t, dtype=torch.bool))
+            # every evaluated prompt's categories, not this rank's share: all ranks make the same reduces
+            for cat in categories:
                 sel = torch.tensor([c == cat for c in columns["category"]], device=self.acc.device)
-                num = self.acc.reduce(torch.nan_to_num(vals_t * sel).sum(), "sum")
-                den = self.acc.reduce(sel.sum().float(), "sum")
-                out[f"eval/{name}/{cat}"] = float(num / den.clamp(min=1))
+                out[f"eval/{name}/{cat}"] = self._mean_over_ranks(vals_t, sel)
         return out
+
+    def _mean_over_ranks(self, values: torch.Tensor, select: torch.Tensor) -> float:
+        """Mean of the selected finite values over all ranks (shares may differ in length), NaN if none."""
+        keep = select & values.isfinite()
+        totals = torch.stack([torch.where(keep, values, 0.0).sum(), keep.sum().double()])
+        totals = self.acc.reduce(totals, "sum") if self.world > 1 else totals
+        return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
 
     # ------------------------------------------------------------------------------ loop
 
@@ -521,7 +529,7 @@ class GRPOTrainer:
             summary[f"{key} (after)"] = value
         summary["skipped_steps"] = self.guard.skipped
         summary["prompts_truncated"] = self.prompts.truncated
-        self.acc.end_training()
+        log.close()
         return StageResult(final=final, summary=summary)
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -31,13 +32,14 @@ def env() -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-def train_cmd(recipe: Path) -> list[str]:
-    return [sys.executable, "-m", "align", "train", str(recipe)]
+def train_cmd(recipe: Path, args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "align", "train", str(recipe), *args]
 
 
-def train(recipe: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `align train RECIPE` to its end (or to an error)."""
-    return subprocess.run(train_cmd(recipe), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def train(recipe: Path, timeout: float = 300, args: Sequence[str] = (), cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `align train RECIPE [ARGS]` to its end (or to an error); relative paths resolve in `cwd`."""
+    return subprocess.run(train_cmd(recipe, args), cwd=cwd, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def metric_steps(stage_dir: Path) -> list[int]:
@@ -53,10 +55,11 @@ def metric_steps(stage_dir: Path) -> list[int]:
     return steps
 
 
-def interrupt_at(recipe: Path, stage_dir: Path, step: int, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Start `align train RECIPE`, send `sig` as soon as step `step` is logged and a checkpoint
-    exists, and wait for the process to end."""
-    proc = subprocess.Popen(train_cmd(recipe), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+def interrupt_at(recipe: Path, stage_dir: Path, step: int, sig: int, timeout: float = 300,
+                 args: Sequence[str] = (), cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Start `align train RECIPE [ARGS]`, send `sig` as soon as step `step` is logged and a
+    checkpoint exists, and wait for the process to end."""
+    proc = subprocess.Popen(train_cmd(recipe, args), cwd=cwd, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:

@@ -1,0 +1,80 @@
+"""The evaluation `align train` runs once every stage is done: the recipe's `evaluate:` section,
+i.e. `align eval RUN_DIR` with the recipe's settings, written to `<output_dir>/eval/`.
+
+Why in the pipeline and not only as a separate command: the questions a user asks of a finished
+run ("did RL keep what SFT taught?", "did preference RL cost refusals?") need every stage's
+checkpoint on the same prompts with the same decoding, and should not depend on remembering to
+run a second command. The manifest records a hash of the settings and of every evaluated stage's
+config, so rerunning a finished recipe does not evaluate again unless something changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from align.config import Recipe
+from align.errors import AlignError
+
+
+def _policy_stages(recipe: Recipe) -> list[str]:
+    cfg = recipe.evaluate
+    assert cfg is not None
+    return cfg.stages or [s.name for s in recipe.stages if s.kind != "reward_model"]
+
+
+def _stage_final(stages: dict[str, dict[str, Any]], name: str) -> Path:
+    entry = stages.get(name, {})
+    if entry.get("status") != "done":
+        raise AlignError(f"evaluate: stage {name!r} has not finished ({entry.get('status', 'not run')}); "
+                         f"run `align train RECIPE --from {name}` first")
+    return Path(entry["final"])
+
+
+def evaluation_hash(recipe: Recipe, stages: dict[str, dict[str, Any]]) -> str:
+    """Changes when the evaluate settings or any evaluated stage (or the judge stage) changes."""
+    cfg = recipe.evaluate
+    assert cfg is not None
+    names = [*_policy_stages(recipe), *([cfg.judge] if cfg.judge in stages else [])]
+    payload = {"evaluate": cfg.model_dump(mode="json"), "seed": recipe.seed,
+               "stages": {n: stages.get(n, {}).get("config_hash") for n in names}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ready(recipe: Recipe, stages: dict[str, dict[str, Any]]) -> bool:
+    """Every stage the evaluation needs has finished."""
+    cfg = recipe.evaluate
+    if cfg is None:
+        return False
+    needed = [*_policy_stages(recipe), *([cfg.judge] if cfg.judge in {s.name for s in recipe.stages} else [])]
+    return all(stages.get(n, {}).get("status") == "done" for n in needed)
+
+
+def run_evaluation(recipe: Recipe, stages: dict[str, dict[str, Any]], console) -> dict[str, Any]:
+    """Evaluate the run's policy checkpoints side by side; returns the manifest entry (report path
+    and every metric by checkpoint)."""
+    from align.evaluate.checkpoints import Checkpoint
+    from align.evaluate.context import EvalOptions
+    from align.evaluate.report import write_report
+    from align.evaluate.runner import evaluate
+
+    cfg = recipe.evaluate
+    assert cfg is not None
+    checkpoints = [Checkpoint(name, _stage_final(stages, name)) for name in _policy_stages(recipe)]
+    judge = None
+    if cfg.judge is not None:
+        judge = _stage_final(stages, cfg.judge) if cfg.judge in stages else Path(cfg.judge)
+    out = Path(recipe.output_dir) / "eval"
+    options = EvalOptions(out=out, engine=cfg.engine, seed=recipe.seed, limit=cfg.limit, k=tuple(cfg.k),
+                          temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                          max_prompt_len=cfg.max_prompt_len, judge=judge,
+                          prompts={suite: Path(path) for suite, path in cfg.prompts.items()})
+    console.rule("evaluation: " + " vs ".join(c.label for c in checkpoints))
+    results, records = evaluate(checkpoints, cfg.suites, options,
+                                progress=lambda c, s: console.print(f"[bold]{c.label}[/] · {s.name}", highlight=False))
+    written = write_report(results, out, records)  # the run summary prints the table
+    values = results.to_dict()["suites"]  # NaN -> None, as in results.json
+    metrics = {f"{suite}/{name}": metric for suite, names in values.items() for name, metric in names.items()}
+    return {"status": "done", "report": str(written["report"]), "metrics": metrics}
