@@ -10,7 +10,10 @@ from typing import Any
 from align.tracking import read_metrics
 
 # Metric families plotted in their own panel, in this order; anything else numeric goes after.
-PANELS = ("loss", "eval_loss", "reward", "kl", "accuracy", "grad_norm", "lr", "completion_len")
+PANELS = ("loss", "eval_loss", "reward", "rewards", "kl", "accuracy", "grad_norm", "lr", "completion_len")
+MOE_FAMILIES = ("load_cv", "router_entropy")  # the MoE metrics drawn per layer, one panel each
+MAX_LABELLED_LAYERS = 8
+MAX_PANELS = 15
 
 
 def _fmt(value: Any) -> str:
@@ -76,7 +79,13 @@ def _evaluation_table(evaluation: dict[str, Any]):
     return table
 
 
-def _panel_of(key: str) -> str:
+def panel_of(key: str) -> str:
+    """The panel a metric is drawn in. MoE router metrics (`align.moe.metrics`) take at most three
+    panels however many layers the model has: `moe/load_cv` and `moe/router_entropy` (one line per
+    layer plus the summaries), and `moe/shares` for the shares in [0, 1] (load_max, replay_mismatch)."""
+    if key.startswith("moe/"):
+        family = next((f for f in MOE_FAMILIES if key.rsplit("/", 1)[-1].startswith(f)), None)
+        return f"moe/{family}" if family else "moe/shares"
     for panel in PANELS:
         if key == panel or key.startswith(panel + "/") or key.startswith(panel + "_") \
                 or f"/{panel}" in key:
@@ -84,38 +93,52 @@ def _panel_of(key: str) -> str:
     return key.split("/")[0]
 
 
+def _draw(ax, panel_series: dict[str, list[tuple[int, float]]]) -> None:
+    """One panel's lines. Per-layer series (`.../layer{i}/...`) are thin and, past a few layers,
+    unlabelled, so a 60-layer MoE stays readable: the legend then lists the summaries only."""
+    layered = [k for k in panel_series if "/layer" in k]
+    label_layers = len(layered) <= MAX_LABELLED_LAYERS
+    for key, points in sorted(panel_series.items()):
+        xs, ys = zip(*points)
+        per_layer = key in layered
+        ax.plot(xs, ys, label=key if label_layers or not per_layer else None,
+                linewidth=0.8 if per_layer else 1.8, alpha=0.6 if per_layer else 1.0,
+                marker="." if len(xs) < 30 else None)
+    if len(panel_series) > 1 and ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
+
+
+def stage_panels(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """panel -> metric -> [(step, value)] for the finite numbers of `rows`, in drawing order
+    (`PANELS` first), at most `MAX_PANELS` panels."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                series[panel_of(key)][key].append((row["step"], float(value)))
+    order = [p for p in PANELS if p in series] + sorted(p for p in series if p not in PANELS)
+    return {p: series[p] for p in order[:MAX_PANELS]}
+
+
 def plot_stage(stage_dir: str | Path) -> Path | None:
     """Write `<stage_dir>/metrics.png`: one panel per metric family, x = step."""
-    rows = read_metrics(stage_dir)
-    if not rows:
+    panels = stage_panels(read_metrics(stage_dir))
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                series[_panel_of(key)][key].append((row["step"], float(value)))
-    order = [p for p in PANELS if p in series] + sorted(p for p in series if p not in PANELS)
-    order = order[:12]
-    if not order:
-        return None
-    cols = min(3, len(order))
-    nrows = math.ceil(len(order) / cols)
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
-    for ax, panel in zip(axes.flat, order):
-        for key, points in sorted(series[panel].items()):
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=key, marker="." if len(xs) < 30 else None)
+    for ax, (panel, panel_series) in zip(axes.flat, panels.items()):
+        _draw(ax, panel_series)
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(series[panel]) > 1:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(order):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(Path(stage_dir).name)
     fig.tight_layout()

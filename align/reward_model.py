@@ -9,6 +9,10 @@ maths is the same one-liner.
 Each pair is rendered through the chat template as the full conversation (prompt turns + the
 assistant answer). Overlong pairs lose prompt tokens from the left, since the score is read at
 the last token.
+
+For an MoE backbone (e.g. DeepseekV2ForSequenceClassification) each logged step also carries the
+router metrics of its training forward passes (`align.moe.metrics`): a reward model's routing can
+collapse just like a policy's.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from align.checkpoint import load_checkpoint, save_checkpoint, save_final, write
 from align.config import RewardModelStage
 from align.data.packing import epoch_order
 from align.errors import AlignError
+from align.moe import RouterStats, moe_gates
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
 from rewards.model import CALIBRATION_FILE
@@ -185,6 +191,7 @@ def run(ctx: StageContext) -> StageResult:
                                rank=acc.process_index)["step"]
     log = MetricsLog(ctx.stage_dir, acc, resume_step=step if ctx.resume_from else None)
     guard = NonFiniteGuard()
+    is_moe = bool(moe_gates(acc.unwrap_model(model)))
     before = evaluate(model, eval_pairs, acc, stage.per_device_batch_size, pad_id) if n_eval and step == 0 else {}
     started, first_loss, loss_value = time.perf_counter(), None, None
     model.train()
@@ -194,20 +201,25 @@ def run(ctx: StageContext) -> StageResult:
         local = rows[acc.process_index::acc.num_processes]
         micro = np.array_split(local, stage.gradient_accumulation_steps)
         loss_value, correct = 0.0, 0.0
-        for j, chunk in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in collate(train_pairs.take(chunk), pad_id).items()}
-            with maybe_no_sync(acc, model, sync=j == len(micro) - 1):
-                rc, rr = pair_scores(model, batch)
-                loss = bt_loss(rc, rr, stage.center_rewards_coefficient) / len(micro)
-                backward(acc, loss)
-            loss_value += float(loss.detach())
-            correct += float((rc > rr).float().mean()) / len(micro)
+        log_now = (step + 1) % stage.logging_steps == 0 or step + 1 == total
+        # the logged step's routing of real tokens (pair_scores passes the attention mask)
+        router_stats = RouterStats(acc.unwrap_model(model)) if is_moe and log_now else None
+        with router_stats or nullcontext():
+            for j, chunk in enumerate(micro):
+                batch = {k: v.to(acc.device) for k, v in collate(train_pairs.take(chunk), pad_id).items()}
+                with maybe_no_sync(acc, model, sync=j == len(micro) - 1):
+                    rc, rr = pair_scores(model, batch)
+                    loss = bt_loss(rc, rr, stage.center_rewards_coefficient) / len(micro)
+                    backward(acc, loss)
+                loss_value += float(loss.detach())
+                correct += float((rc > rr).float().mean()) / len(micro)
         norm = optimizer_step(acc, model, optimizer, scheduler, stage, guard, step)
         step += 1
         first_loss = first_loss if first_loss is not None else loss_value
-        if step % stage.logging_steps == 0 or step == total:
+        if log_now:
             log.log(step, {"loss": loss_value, "accuracy": correct, "grad_norm": norm,
-                           "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch)})
+                           "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch),
+                           **(router_stats.metrics() if router_stats is not None else {})})
         if stage.save_steps and step % stage.save_steps == 0 and step < total or ctx.stop.requested:
             path = save_checkpoint(ctx.stage_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                    scheduler=scheduler, state={}, accelerator=acc, keep_last=stage.keep_last)

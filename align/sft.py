@@ -10,7 +10,8 @@ One optimizer step, in order:
      thus the gradient of the mean loss over the global batch's target tokens, whatever the split:
      per-device batch 1 × accumulation 8 equals 8 × 1 and 2 ranks × 4 equal 1 × 8;
   4. clip to `max_grad_norm`, skip the update if the norm is non-finite, step optimizer + schedule;
-  5. log (loss, lr, grad_norm, tokens/s, epoch, step); every `save_steps`: held-out loss and a
+  5. log (loss, lr, grad_norm, tokens/s, epoch, step; for an MoE model also the router metrics of
+     the logged step's forward passes, `align.moe.metrics`); every `save_steps`: held-out loss and a
      checkpoint; if a stop was requested: checkpoint and raise `TrainingInterrupted`.
 
 Recipe keys (SFTStage): data/eval_data/eval_split (sources and mixture: `align.data.mixture`),
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from align.data import packing
 from align.data.cache import tokenized_source
 from align.data.mixture import mixture_indices, split_eval
 from align.errors import AlignError
+from align.moe import RouterStats, moe_gates
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
 from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
@@ -101,10 +104,11 @@ def _collate(rows: dict, packed: bool, pad_id: int) -> dict[str, torch.Tensor]:
     return packing.collate_packed(as_list, pad_id) if packed else packing.collate_padded(as_list, pad_id)
 
 
-def _real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
-    """Tokens that are not padding (what tokens/s counts)."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int((batch["input_ids"] != pad_id).sum())
+def _real_mask(batch: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """[B, T] True on each row's real tokens. Both collates right-fill a row past its length;
+    packed batches carry no attention mask, so the lengths are the only record of that fill."""
+    width = batch["input_ids"].shape[1]
+    return torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -165,11 +169,13 @@ def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | N
 # ------------------------------------------------------------------------------------ loop
 
 
-def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator, pad_id: int) -> tuple[float, int, int]:
+def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator, pad_id: int,
+                     router_stats: RouterStats | None = None) -> tuple[float, int, int]:
     """Gradients of one optimizer step over global batch `rows` ([global_batch], laid out as
     [accumulation, rank, per_device]). Returns (Σ token loss over the global batch, its target
     token count N, this rank's non-padding tokens). Each micro-batch's loss is scaled by
-    world_size / N: DDP averages over ranks, so the gradient is that of the global mean."""
+    world_size / N: DDP averages over ranks, so the gradient is that of the global mean.
+    `router_stats` (entered by the caller) records this rank's routing of the real tokens."""
     world, rank, bs = accelerator.num_processes, accelerator.process_index, stage.per_device_batch_size
     accum, coef = stage.gradient_accumulation_steps, stage.moe_aux_loss_coef
     n_targets = int(data.train_targets[rows].sum())  # known on every rank: no collective needed
@@ -177,8 +183,12 @@ def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator,
     tokens = 0
     for a in range(accum):
         mine = rows[(a * world + rank) * bs:(a * world + rank + 1) * bs]
-        batch = _collate(data.train[np.sort(mine).tolist()], stage.packing, pad_id)
-        tokens += _real_tokens(batch, pad_id)
+        chunk = data.train[np.sort(mine).tolist()]
+        batch = _collate(chunk, stage.packing, pad_id)
+        real = _real_mask(batch, [len(ids) for ids in chunk["input_ids"]])
+        tokens += int(real.sum())
+        if router_stats is not None:
+            router_stats.token_mask = real.to(accelerator.device)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
             ce, aux = token_loss_sum(model, batch, coef)
@@ -235,6 +245,7 @@ def run(ctx: StageContext) -> StageResult:
     pad_id = tokenizer.pad_token_id
     metrics = MetricsLog(ctx.stage_dir, accelerator, resume_step=state["step"] if ctx.resume_from else None)
     guard = NonFiniteGuard()
+    is_moe = bool(moe_gates(accelerator.unwrap_model(model)))
 
     if ctx.resume_from is None:
         state["eval_before"] = evaluate(model, data, stage, accelerator, pad_id)
@@ -255,21 +266,26 @@ def run(ctx: StageContext) -> StageResult:
             if epoch != order_epoch:
                 order, order_epoch = packing.epoch_order(len(data.train), global_batch, ctx.seed, epoch,
                                                          data.lengths), epoch
-            loss_sum, n_targets, tokens = forward_backward(model, data, order[position], stage, accelerator, pad_id)
+            log_now = (step + 1) % stage.logging_steps == 0 or step + 1 == total_steps
+            router_stats = RouterStats(accelerator.unwrap_model(model)) if is_moe and log_now else None
+            with router_stats or nullcontext():
+                loss_sum, n_targets, tokens = forward_backward(model, data, order[position], stage, accelerator,
+                                                               pad_id, router_stats)
             window_tokens += tokens
             grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, stage, guard, step)
             step += 1
             last_loss = loss_sum / max(n_targets, 1)
             state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else last_loss
             window_loss += last_loss
-            if step % stage.logging_steps == 0 or step == total_steps:
+            if log_now:
                 now = time.perf_counter()
                 n_logged = (step - 1) % stage.logging_steps + 1
                 tokens = window_tokens * world
                 state["tokens"] += tokens
                 metrics.log(step, {"loss": window_loss / n_logged, "lr": scheduler.get_last_lr()[0],
                                    "grad_norm": grad_norm, "tokens_per_s": tokens / max(now - t_window, 1e-9),
-                                   "epoch": step / steps_per_epoch, "skipped_steps": guard.skipped})
+                                   "epoch": step / steps_per_epoch, "skipped_steps": guard.skipped,
+                                   **(router_stats.metrics() if router_stats is not None else {})})
                 bar.update(task, completed=step, info=f"loss {window_loss / n_logged:.4f}")
                 window_loss, window_tokens, t_window = 0.0, 0, now
             saving = stage.save_steps is not None and step % stage.save_steps == 0 and step < total_steps

@@ -7,6 +7,10 @@ run's first prompt index, so the samples do not depend on how the batch was spli
 
 Staleness: the client's `weight_version` counts its own pushes; a sample made by older weights
 (e.g. by a worker that missed a push) is counted in `stats["stale_samples"]`.
+
+Routing replay: `record_routes=True` asks every worker for each sample's MoE expert ids
+(`return_routes`), decoded into the same `Sample.routes` a colocated `HFEngine(record_routes=True)`
+fills; a worker whose engine cannot record them refuses, and that refusal is an AlignError.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ class RemoteEngines:
 
     supports_sleep = True
 
-    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2):
+    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2,
+                 record_routes: bool = False):
         if not urls:
             raise AlignError("RemoteEngines: no worker URLs; start workers with `align rollout serve`")
         self.urls = [u.rstrip("/") for u in urls]
         self.live = list(self.urls)
         self.errors: dict[str, str] = {}
         self.retries = retries
+        self.record_routes = record_routes
         self.weight_version = 0
         self.stats = {"requests": 0, "retries": 0, "dead_workers": 0, "samples": 0, "stale_samples": 0}
         self._http = httpx.Client(timeout=timeout_s)
@@ -55,7 +61,7 @@ class RemoteEngines:
     def _post(self, url: str, path: str, **kwargs) -> dict:
         response = self._http.post(url + path, **kwargs)
         if 400 <= response.status_code < 500:  # the request itself is wrong: every worker would refuse it
-            raise AlignError(f"rollout worker {url} refused {path}: {response.text[:500]}")
+            raise AlignError(f"rollout worker {url} refused {path}: {refusal(response)}")
         response.raise_for_status()
         return response.json()
 
@@ -75,8 +81,13 @@ class RemoteEngines:
             self.stats["requests"] += 1
             try:
                 data = self._post(url, "/generate", json={"prompt_token_ids": prompts, "n": n,
-                                                          "sampling": body_sampling})
-                return [[sample_from_json(s) for s in g] for g in data["groups"]]
+                                                          "sampling": body_sampling,
+                                                          "return_routes": self.record_routes})
+                groups = [[sample_from_json(s) for s in g] for g in data["groups"]]
+                if self.record_routes and any(s.routes is None for g in groups for s in g):
+                    raise AlignError(f"rollout worker {url} returned samples without routes; it "
+                                     "predates return_routes: upgrade align there and restart it")
+                return groups
             except UNREACHABLE as exc:
                 self._mark_dead(url, exc)
             except httpx.HTTPStatusError as exc:  # a worker-side error: try elsewhere, keep the worker
@@ -123,6 +134,14 @@ class RemoteEngines:
     def health(self) -> list[dict]:
         """/health of every live worker (model, engine, weight_version)."""
         return [self._http.get(u + "/health").json() for u in self.live]
+
+
+def refusal(response: httpx.Response) -> str:
+    """The worker's reason (FastAPI's `detail`), else the start of the body."""
+    try:
+        return str(response.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
 
 
 def split_runs(num_prompts: int, workers: int) -> list[tuple[int, int]]:

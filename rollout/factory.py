@@ -14,11 +14,13 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
                  seed: int = 0, record_routes: bool = False) -> RolloutEngine:
     """`model` is a model directory, or (engine hf, colocated) the trainer's in-memory policy, which
     the engine then shares so weight sync is free. vLLM always loads a directory.
-    `record_routes`: MoE expert choices travel with each sample (HF engine; routing replay)."""
+    `record_routes`: MoE expert choices travel with each sample (HF engine, colocated or behind
+    `align rollout serve --engine hf` workers; routing replay)."""
     if cfg.mode == "server":
         from rollout.client import RemoteEngines
 
-        return RemoteEngines(cfg.server_urls, timeout_s=cfg.timeout_s, retries=cfg.retries)
+        return RemoteEngines(cfg.server_urls, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                             record_routes=record_routes)
     if cfg.engine == "hf":
         from rollout.hf import HFEngine
 

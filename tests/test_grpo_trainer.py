@@ -158,6 +158,29 @@ def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs, moe_
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
+def test_moe_grpo_replays_routes_recorded_by_a_rollout_server(tmp_path, inputs, moe_dir):
+    """Routing replay with the rollout on an `align rollout serve --engine hf` worker: the routes
+    travel over HTTP with each sample, and the worker gets the new weights after every step."""
+    import httpx
+
+    from helpers.workers import running_worker
+
+    with running_worker(moe_dir, "--engine", "hf") as url:
+        path = recipe(tmp_path, (inputs[0], moe_dir), routing_replay=True, per_device_batch_size=8,
+                      rollout={"mode": "server", "servers": [url]})
+        results = run_pipeline(load_recipe(path))
+        version = httpx.get(url + "/health").json()["weight_version"]
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    # running counts: the held-out eval (6 greedy samples) and then 2 prompts × G 4 per step
+    assert version == 2 and [r["rollout/samples"] for r in steps] == [6 + 8, 6 + 16]
+    # the trainer's experts are the worker's: nothing to mismatch on the weights that generated
+    assert steps[0]["moe/replay_mismatch"] == 0.0
+    before, after = weights(moe_dir), weights(results["rl"].final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_routing_replay_refuses_a_dense_model(tmp_path, inputs):
     with pytest.raises(AlignError, match="no MoE routers"):
         run_pipeline(load_recipe(recipe(tmp_path, inputs, routing_replay=True)))

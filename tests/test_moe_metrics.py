@@ -87,3 +87,148 @@ def test_dense_model_is_refused(tmp_path):
         num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(AlignError, match="no MoE router"):
         RouterStats(dense)
+
+
+# ------------------------------------------------------------------ SFT and reward-model stages
+
+
+def _layer_keys(row: dict) -> set[str]:
+    return {k.split("/")[1] for k in row if k.startswith("moe/layer")}
+
+
+def _run_stages(tmp_path, model_dir, stages: list[dict]) -> None:
+    """A real pipeline run of `stages` on `model_dir` with small synthetic data."""
+    from align.config import Recipe
+    from align.data.io import write_jsonl
+    from align.data.synth import generate
+    from align.pipeline import run_pipeline
+
+    write_jsonl(generate("math", 64, seed=0, form="conversations"), tmp_path / "sft.jsonl")
+    write_jsonl(generate("preference", 40, seed=1), tmp_path / "prefs.jsonl")
+    recipe = Recipe.model_validate({"output_dir": str(tmp_path / "run"), "model": {"path": str(model_dir)},
+                                    "stages": stages})
+    run_pipeline(recipe)
+
+
+def _sft(tmp_path, **extra) -> dict:
+    return {"name": "sft", "kind": "sft", "data": str(tmp_path / "sft.jsonl"), "eval_split": 0.0,
+            "max_seq_len": 96, "max_steps": 3, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
+            "logging_steps": 2, **extra}
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_dir, tmp_path_factory):
+    """SFT (packed, so the padding fill must be masked by length) then a reward model, both MoE."""
+    tmp = tmp_path_factory.mktemp("moe_run")
+    rm = {"name": "rm", "kind": "reward_model", "init": "sft", "data": str(tmp / "prefs.jsonl"),
+          "eval_split": 0.0, "max_seq_len": 96, "max_steps": 2, "per_device_batch_size": 4,
+          "logging_steps": 1}
+    _run_stages(tmp, moe_dir, [_sft(tmp, packing=True), rm])
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("stage, logged_steps", [("sft", [2, 3]), ("rm", [1, 2])])
+def test_moe_stage_logs_router_metrics_each_logged_step(moe_run, stage, logged_steps):
+    from align.report import panel_of
+    from align.tracking import read_metrics
+
+    train_rows = [r for r in read_metrics(moe_run / stage) if "loss" in r]
+    assert [r["step"] for r in train_rows] == logged_steps
+    for row in train_rows:
+        assert _layer_keys(row) == {"layer1"}  # nano: layer 0 is dense, layer 1 is the only MoE layer
+        assert {"moe/layer1/load_cv", "moe/layer1/load_max", "moe/layer1/router_entropy",
+                "moe/load_cv_max", "moe/load_max", "moe/router_entropy_mean"} < set(row)
+        assert math.isfinite(row["moe/load_cv_mean"]) and row["moe/load_cv_mean"] >= 0
+        assert 1 / 8 <= row["moe/load_max"] <= 1  # 8 routed experts
+        assert 0 < row["moe/router_entropy_mean"] <= math.log(8)
+    # the plot groups the router metrics into their own few panels
+    assert (moe_run / stage / "metrics.png").stat().st_size > 0
+    assert {panel_of(k) for k in train_rows[0] if k.startswith("moe/")} == \
+        {"moe/load_cv", "moe/router_entropy", "moe/shares"}
+
+
+def test_dense_sft_logs_no_router_metrics(model_dir, tmp_path):
+    from align.tracking import read_metrics
+
+    _run_stages(tmp_path, model_dir, [_sft(tmp_path, max_steps=2)])
+    rows = read_metrics(tmp_path / "run" / "sft")
+    assert any("loss" in r for r in rows)
+    assert not [k for r in rows for k in r if k.startswith("moe/")]
+
+
+def test_packed_sft_batch_counts_only_real_tokens(moe_model):
+    """A packed batch has no attention mask: the SFT collector must drop each row's padding fill,
+    matching the router logits of the real tokens only."""
+    from align.data.packing import collate_packed
+    from align.moe import RouterStats
+    from align.sft import _real_mask
+
+    rows = [{"input_ids": list(range(5, 25)), "assistant_mask": [1] * 20, "seq_lengths": [12, 8]},
+            {"input_ids": list(range(40, 51)), "assistant_mask": [1] * 11, "seq_lengths": [11]}]
+    batch = collate_packed(rows, pad_id=0)
+    batch.pop("labels")
+    real = _real_mask(batch, [20, 11])
+    assert real.sum() == 31 and not real[1, 11:].any()
+    with torch.no_grad(), RouterStats(moe_model) as stats:
+        stats.token_mask = real
+        out = moe_model(**batch, output_router_logits=True)
+    want = metrics_from_router_logits(out.router_logits, moe_model.config.num_experts_per_tok, real, [1])
+    assert stats.metrics() == pytest.approx(want)
+    unmasked = metrics_from_router_logits(out.router_logits, moe_model.config.num_experts_per_tok, None, [1])
+    assert stats.metrics()["moe/layer1/router_entropy"] != pytest.approx(unmasked["moe/layer1/router_entropy"])
+
+
+@pytest.mark.parametrize("key, panel", [
+    ("moe/layer7/load_cv", "moe/load_cv"), ("moe/load_cv_mean", "moe/load_cv"), ("moe/load_cv_max", "moe/load_cv"),
+    ("moe/layer7/router_entropy", "moe/router_entropy"), ("moe/router_entropy_mean", "moe/router_entropy"),
+    ("moe/layer7/load_max", "moe/shares"), ("moe/load_max", "moe/shares"), ("moe/replay_mismatch", "moe/shares"),
+    ("loss", "loss"), ("rewards/total/mean", "rewards"), ("time/reward", "reward"), ("actor/kl", "kl")])
+def test_plot_panels(key, panel):
+    from align.report import panel_of
+
+    assert panel_of(key) == panel
+
+
+def _many_layer_rows(layers: int = 60) -> list[dict]:
+    return [{"step": step, "loss": 1.0 / step, "lr": 1e-3, "moe/load_cv_mean": 0.5, "moe/load_max": 0.4,
+             **{f"moe/layer{i}/{m}": 0.01 * i + step for i in range(1, layers + 1)
+                for m in ("load_cv", "load_max", "router_entropy")}}
+            for step in range(1, 4)]
+
+
+def test_many_layer_moe_takes_three_panels_with_readable_legends():
+    """A 60-layer MoE adds three panels (not 60), and their legends list the summaries only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from align.report import _draw, stage_panels
+
+    panels = stage_panels(_many_layer_rows())
+    assert list(panels) == ["loss", "lr", "moe/load_cv", "moe/router_entropy", "moe/shares"]
+    assert len(panels["moe/load_cv"]) == 61 and len(panels["moe/load_cv"]["moe/layer60/load_cv"]) == 3
+    fig, ax = plt.subplots()
+    _draw(ax, panels["moe/load_cv"])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["moe/load_cv_mean"]
+    assert len(ax.get_lines()) == 61
+    plt.close(fig)
+    few = stage_panels(_many_layer_rows(layers=3))
+    fig, ax = plt.subplots()
+    _draw(ax, few["moe/router_entropy"])  # few layers: each is labelled
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {f"moe/layer{i}/router_entropy" for i in (1, 2, 3)}
+    plt.close(fig)
+
+
+def test_panel_limit_keeps_the_priority_families(tmp_path):
+    from align.report import MAX_PANELS, plot_stage, stage_panels
+    from align.tracking import MetricsLog
+
+    rows = [{**row, **{f"extra{j}/x": float(j) for j in range(20)}} for row in _many_layer_rows(4)]
+    panels = stage_panels(rows)
+    assert len(panels) == MAX_PANELS and list(panels)[:2] == ["loss", "lr"]
+    log = MetricsLog(tmp_path)
+    for row in rows:
+        log.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+    log.close()
+    assert plot_stage(tmp_path).stat().st_size > 0

