@@ -37,12 +37,21 @@ class RewardSuiteEval:
         self.judge = RewardSpec(model=str(options.judge), alias="judge")
         self.source = options.prompts.get(self.name) or defaults.chat_prompts(options.out, options.limit)
 
-    def _scores(self, ckpt: Checkpoint, ctx: EvalContext) -> list[float | None]:
+    def _scores(self, ckpt: Checkpoint, ctx: EvalContext) -> tuple[list[float | None], list]:
         prompts = ctx.prompts(ckpt, self.source, self.options.limit)
         groups = ctx.generate(ckpt, prompts, self.source, 1, self.options.greedy())
-        return ctx.score([self.judge], ckpt, prompts, groups).components[self.judge.key]
+        scores = ctx.score([self.judge], ckpt, prompts, groups).components[self.judge.key]
+        return scores, prompts.columns.get("category") or [None] * len(scores)
 
     def run(self, ckpt: Checkpoint, ctx: EvalContext) -> dict[str, float]:
-        scores = self._scores(ckpt, ctx)
-        baseline = self.options.baseline or ckpt
-        return {"rm_score": nanmean(scores), "win_rate": win_rate(scores, self._scores(baseline, ctx))}
+        """Over all prompts, and per `category` when the prompts have one (`rm_score/helpfulness`):
+        a helpfulness judge is expected to score a refusal of a harmful request low, so only the
+        per-category numbers say whether answers to benign requests got better."""
+        scores, categories = self._scores(ckpt, ctx)
+        baseline, _ = self._scores(self.options.baseline or ckpt, ctx)
+        out = {"rm_score": nanmean(scores), "win_rate": win_rate(scores, baseline)}
+        for cat in sorted({c for c in categories if c is not None}):
+            rows = [i for i, c in enumerate(categories) if c == cat]
+            out[f"rm_score/{cat}"] = nanmean([scores[i] for i in rows])
+            out[f"win_rate/{cat}"] = win_rate([scores[i] for i in rows], [baseline[i] for i in rows])
+        return out
