@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from align.errors import AlignError
 from align.evaluate.checkpoints import Checkpoint
 from rollout.base import Sample, SamplingParams
 
