@@ -148,3 +148,15 @@ def test_quickstart_reasoning_stage_on_vllm_and_on_two_rollout_servers(killed_an
     assert len(steps) == 5 and all(r["completions/length_mean"] > 0 for r in steps)
     if engine == "servers":
         assert all(r["rollout/samples"] > 0 and r["rollout/dead_workers"] == 0 for r in steps)
+
+
+def test_retraining_a_stage_reruns_the_evaluation(killed_and_rerun, tmp_path):
+    """`--only preference` keeps the stage's config hash but writes new weights: the evaluation
+    must not be skipped as unchanged."""
+    work = tmp_path / "qs"
+    shutil.copytree(killed_and_rerun["run"].parents[1], work)
+    before = _manifest(work / "runs" / "quickstart")["evaluation"]["config_hash"]
+    proc = train(work / "quickstart.yaml", timeout=600, args=[*ARGS, "--only", "preference"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation: done, skipping" not in " ".join(proc.stdout.split())
+    assert _manifest(work / "runs" / "quickstart")["evaluation"]["config_hash"] != before

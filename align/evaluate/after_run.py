@@ -34,12 +34,13 @@ def _stage_final(stages: dict[str, dict[str, Any]], name: str) -> Path:
 
 
 def evaluation_hash(recipe: Recipe, stages: dict[str, dict[str, Any]]) -> str:
-    """Changes when the evaluate settings or any evaluated stage (or the judge stage) changes."""
+    """Changes when the evaluate settings or any evaluated stage (or the judge stage) changes, or
+    is retrained (`--only`/`--from` keep a stage's config hash but write new weights)."""
     cfg = recipe.evaluate
     assert cfg is not None
     names = [*_policy_stages(recipe), *([cfg.judge] if cfg.judge in stages else [])]
     payload = {"evaluate": cfg.model_dump(mode="json"), "seed": recipe.seed,
-               "stages": {n: stages.get(n, {}).get("config_hash") for n in names}}
+               "stages": {n: [stages.get(n, {}).get(k) for k in ("config_hash", "finished")] for n in names}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
