@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +31,13 @@ from align.checkpoint import load_checkpoint, save_checkpoint, save_final, write
 from align.config import RewardModelStage
 from align.data.packing import epoch_order
 from align.errors import AlignError
-from align.moe import RouterStats, moe_gates
+from align.moe import moe_gates, router_stats
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
-from rewards.model import CALIBRATION_FILE
 from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
                                build_scheduler, make_accelerator, maybe_no_sync, optimizer_step,
                                total_optimizer_steps)
+from rewards.model import CALIBRATION_FILE
 
 
 @dataclass
@@ -203,8 +202,7 @@ def run(ctx: StageContext) -> StageResult:
         loss_value, correct = 0.0, 0.0
         log_now = (step + 1) % stage.logging_steps == 0 or step + 1 == total
         # the logged step's routing of real tokens (pair_scores passes the attention mask)
-        router_stats = RouterStats(acc.unwrap_model(model)) if is_moe and log_now else None
-        with router_stats or nullcontext():
+        with router_stats(acc.unwrap_model(model), is_moe and log_now) as stats:
             for j, chunk in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in collate(train_pairs.take(chunk), pad_id).items()}
                 with maybe_no_sync(acc, model, sync=j == len(micro) - 1):
@@ -219,7 +217,7 @@ def run(ctx: StageContext) -> StageResult:
         if log_now:
             log.log(step, {"loss": loss_value, "accuracy": correct, "grad_norm": norm,
                            "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch),
-                           **(router_stats.metrics() if router_stats is not None else {})})
+                           **stats.metrics()})
         if stage.save_steps and step % stage.save_steps == 0 and step < total or ctx.stop.requested:
             path = save_checkpoint(ctx.stage_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                    scheduler=scheduler, state={}, accelerator=acc, keep_last=stage.keep_last)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from align.data import packing
 from align.data.cache import tokenized_source
 from align.data.mixture import mixture_indices, split_eval
 from align.errors import AlignError
-from align.moe import RouterStats, moe_gates
+from align.moe import RouterStats, moe_gates, router_stats
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
 from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
@@ -170,12 +169,12 @@ def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | N
 
 
 def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator, pad_id: int,
-                     router_stats: RouterStats | None = None) -> tuple[float, int, int]:
+                     stats: RouterStats | None = None) -> tuple[float, int, int]:
     """Gradients of one optimizer step over global batch `rows` ([global_batch], laid out as
     [accumulation, rank, per_device]). Returns (Σ token loss over the global batch, its target
     token count N, this rank's non-padding tokens). Each micro-batch's loss is scaled by
     world_size / N: DDP averages over ranks, so the gradient is that of the global mean.
-    `router_stats` (entered by the caller) records this rank's routing of the real tokens."""
+    `stats` (entered by the caller) records this rank's routing of the real tokens."""
     world, rank, bs = accelerator.num_processes, accelerator.process_index, stage.per_device_batch_size
     accum, coef = stage.gradient_accumulation_steps, stage.moe_aux_loss_coef
     n_targets = int(data.train_targets[rows].sum())  # known on every rank: no collective needed
@@ -187,8 +186,8 @@ def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator,
         batch = _collate(chunk, stage.packing, pad_id)
         real = _real_mask(batch, [len(ids) for ids in chunk["input_ids"]])
         tokens += int(real.sum())
-        if router_stats is not None:
-            router_stats.token_mask = real.to(accelerator.device)
+        if stats is not None:
+            stats.token_mask = real
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
             ce, aux = token_loss_sum(model, batch, coef)
@@ -267,10 +266,9 @@ def run(ctx: StageContext) -> StageResult:
                 order, order_epoch = packing.epoch_order(len(data.train), global_batch, ctx.seed, epoch,
                                                          data.lengths), epoch
             log_now = (step + 1) % stage.logging_steps == 0 or step + 1 == total_steps
-            router_stats = RouterStats(accelerator.unwrap_model(model)) if is_moe and log_now else None
-            with router_stats or nullcontext():
+            with router_stats(accelerator.unwrap_model(model), is_moe and log_now) as stats:
                 loss_sum, n_targets, tokens = forward_backward(model, data, order[position], stage, accelerator,
-                                                               pad_id, router_stats)
+                                                               pad_id, stats)
             window_tokens += tokens
             grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, stage, guard, step)
             step += 1
@@ -285,7 +283,7 @@ def run(ctx: StageContext) -> StageResult:
                 metrics.log(step, {"loss": window_loss / n_logged, "lr": scheduler.get_last_lr()[0],
                                    "grad_norm": grad_norm, "tokens_per_s": tokens / max(now - t_window, 1e-9),
                                    "epoch": step / steps_per_epoch, "skipped_steps": guard.skipped,
-                                   **(router_stats.metrics() if router_stats is not None else {})})
+                                   **stats.metrics()})
                 bar.update(task, completed=step, info=f"loss {window_loss / n_logged:.4f}")
                 window_loss, window_tokens, t_window = 0.0, 0, now
             saving = stage.save_steps is not None and step % stage.save_steps == 0 and step < total_steps

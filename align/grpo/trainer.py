@@ -42,7 +42,8 @@ from align.grpo.advantages import ADVANTAGES
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.loss import policy_loss
 from align.grpo.metrics import completion_metrics
-from align.moe import RouteReplay, RouterStats, checkpoint_weights, ensure_replay_supported, moe_gates, routes_to_batch
+from align.moe import (RouteReplay, checkpoint_weights, ensure_replay_supported, moe_gates, router_stats,
+                       routes_to_batch)
 from align.stage import StageContext, StageResult
 from align.tracking import MetricsLog
 from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
@@ -370,12 +371,10 @@ class GRPOTrainer:
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
             for it in range(stage.num_iterations):
                 self.model.train()
-                router_stats = RouterStats(policy) if self.is_moe and it == 0 else nullcontext()
-                with router_stats:
+                with router_stats(policy, self.is_moe and it == 0) as stats:
                     self._train_chunks(tensors, advantages, old_logp, ref_logp, routes, chunks, n_tokens,
                                        t_len, metrics)
-                if self.is_moe and it == 0:
-                    metrics.update(router_stats.metrics())
+                metrics.update(stats.metrics())
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, self.step)
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy

@@ -117,7 +117,7 @@ class RouterStats(GateHooks):
         logits, _, indices = output
         keep = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
         if self._mask is not None and self._mask.dim() == 2:  # generate: mask covers the cache too
-            keep = self._mask[:, -hidden.shape[1]:].bool()
+            keep = self._mask[:, -hidden.shape[1]:].bool().to(hidden.device)  # token_mask may be on CPU
         keep = keep.reshape(-1)
         self._logits[position].append(logits.detach()[keep])
         self._indices[position].append(indices.detach()[keep])
@@ -130,3 +130,24 @@ class RouterStats(GateHooks):
                 per_layer |= layer_metrics(label, torch.cat(self._logits[position]),
                                            torch.cat(self._indices[position]), None)
         return summarise(per_layer)
+
+
+class _NoRouterStats:
+    """`RouterStats`' interface that records nothing: a dense model, or a step that does not log."""
+
+    token_mask: torch.Tensor | None = None
+
+    def __enter__(self) -> "_NoRouterStats":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+def router_stats(model: torch.nn.Module, enabled: bool) -> RouterStats | _NoRouterStats:
+    """`with router_stats(model, is_moe and logging) as stats: ...` then `stats.metrics()` ({} when
+    off), so a training loop collects router metrics on the steps it logs without branching."""
+    return RouterStats(model) if enabled else _NoRouterStats()
