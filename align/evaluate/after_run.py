@@ -25,6 +25,18 @@ def _policy_stages(recipe: Recipe) -> list[str]:
     return cfg.stages or [s.name for s in recipe.stages if s.kind != "reward_model"]
 
 
+def _judge_stage(recipe: Recipe) -> str | None:
+    """The judge when it names a stage of the recipe (not a model directory)."""
+    judge = recipe.evaluate.judge if recipe.evaluate else None
+    return judge if judge in {s.name for s in recipe.stages} else None
+
+
+def _needed_stages(recipe: Recipe) -> list[str]:
+    """The stages whose checkpoints the evaluation reads: the policies and a judge stage."""
+    judge = _judge_stage(recipe)
+    return [*_policy_stages(recipe), *([judge] if judge else [])]
+
+
 def _stage_final(stages: dict[str, dict[str, Any]], name: str) -> Path:
     entry = stages.get(name, {})
     if entry.get("status") != "done":
@@ -38,19 +50,17 @@ def evaluation_hash(recipe: Recipe, stages: dict[str, dict[str, Any]]) -> str:
     is retrained (`--only`/`--from` keep a stage's config hash but write new weights)."""
     cfg = recipe.evaluate
     assert cfg is not None
-    names = [*_policy_stages(recipe), *([cfg.judge] if cfg.judge in stages else [])]
     payload = {"evaluate": cfg.model_dump(mode="json"), "seed": recipe.seed,
-               "stages": {n: [stages.get(n, {}).get(k) for k in ("config_hash", "finished")] for n in names}}
+               "stages": {n: [stages.get(n, {}).get(k) for k in ("config_hash", "finished")]
+                          for n in _needed_stages(recipe)}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ready(recipe: Recipe, stages: dict[str, dict[str, Any]]) -> bool:
     """Every stage the evaluation needs has finished."""
-    cfg = recipe.evaluate
-    if cfg is None:
+    if recipe.evaluate is None:
         return False
-    needed = [*_policy_stages(recipe), *([cfg.judge] if cfg.judge in {s.name for s in recipe.stages} else [])]
-    return all(stages.get(n, {}).get("status") == "done" for n in needed)
+    return all(stages.get(n, {}).get("status") == "done" for n in _needed_stages(recipe))
 
 
 def run_evaluation(recipe: Recipe, stages: dict[str, dict[str, Any]], console) -> dict[str, Any]:
@@ -64,9 +74,8 @@ def run_evaluation(recipe: Recipe, stages: dict[str, dict[str, Any]], console) -
     cfg = recipe.evaluate
     assert cfg is not None
     checkpoints = [Checkpoint(name, _stage_final(stages, name)) for name in _policy_stages(recipe)]
-    judge = None
-    if cfg.judge is not None:
-        judge = _stage_final(stages, cfg.judge) if cfg.judge in stages else Path(cfg.judge)
+    judge_stage = _judge_stage(recipe)
+    judge = _stage_final(stages, judge_stage) if judge_stage else Path(cfg.judge) if cfg.judge else None
     out = Path(recipe.output_dir) / "eval"
     options = EvalOptions(out=out, engine=cfg.engine, seed=recipe.seed, limit=cfg.limit, k=tuple(cfg.k),
                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
