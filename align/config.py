@@ -105,6 +105,9 @@ class StageBase(Strict):
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, description=(
+        "Held-out evaluation every N optimizer steps, besides the ones before and after training "
+        "(which always run); null: before and after only."))
     keep_last: int = Field(2, gt=0, description="Checkpoints kept besides final/.")
     logging_steps: int = Field(1, gt=0)
 
@@ -151,6 +154,9 @@ class GRPOStage(StageBase):
     kind: Literal["grpo"]
     prompts: Annotated[list[DataSource], Field(min_length=1)]
     eval_prompts: list[DataSource] = []
+    eval_max_prompts: int = Field(256, gt=0, description=(
+        "Held-out prompts scored (greedy, by the training rewards) before and after the stage: the "
+        "first N of eval_prompts."))
     rewards: Annotated[list[RewardSpec], Field(min_length=1)]
     group_size: int = Field(8, ge=2)
     prompts_per_step: int = Field(8, gt=0)

@@ -29,10 +29,12 @@ import os
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+
+from align.errors import AlignError
 
 # Where a tensor lives: (param, "data"), (param, "grad") or (optimizer.state[p], state key).
 _Slot = tuple[object, str]
@@ -195,3 +197,42 @@ def _restore(owner: object, key: str, t: torch.Tensor) -> None:
         setattr(owner, key, t)
     else:
         owner[key] = t
+
+
+class OffloadGroup:
+    """The offloaders that move together while the rollout engine generates: the policy with its
+    gradients and optimizer state, and the frozen reference model when there is one."""
+
+    def __init__(self, movers: list[Offloader]):
+        self.movers = movers
+
+    @classmethod
+    def for_rollout(cls, stage, policy: torch.nn.Module, optimizer, reference: torch.nn.Module | None,
+                    device, shares_policy: bool) -> "OffloadGroup":
+        """From a GRPO stage's `offload` key; empty (a no-op) when it is off. A colocated HF engine
+        generates with the policy's own tensors, so they cannot leave the device."""
+        if not stage.offload:
+            return cls([])
+        if shares_policy:
+            raise AlignError(f"stages.{stage.name}.offload: the colocated HF engine generates with the "
+                             "training weights, so they cannot be offloaded; use rollout.engine: vllm or "
+                             "mode: server, or set offload: false")
+        movers = [Offloader(policy, optimizer, device=device)]
+        if reference is not None:
+            movers.append(Offloader(reference, None, device=device))
+        return cls(movers)
+
+    @contextmanager
+    def offloaded(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for mover in self.movers:
+                stack.enter_context(mover.offloaded())
+            yield
+
+    def step_metrics(self) -> dict[str, float]:
+        """This step's transfers of every member, summed per key."""
+        out: dict[str, float] = {}
+        for mover in self.movers:
+            for key, value in mover.step_metrics().items():
+                out[key] = out.get(key, 0.0) + value
+        return out

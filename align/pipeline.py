@@ -20,7 +20,7 @@ from align.checkpoint import forget_latest, latest_checkpoint, write_text_atomic
 from align.config import Recipe, SynthSpec
 from align.errors import AlignError
 from align.stage import StageContext, StageResult, StopFlag
-from align.train_utils import TrainingInterrupted
+from align.stage import TrainingInterrupted
 
 # kind → module with `run(ctx) -> StageResult`; imported only when a stage of that kind runs.
 RUNNERS = {"sft": "align.sft", "reward_model": "align.reward_model", "grpo": "align.grpo.trainer"}

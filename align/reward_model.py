@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from align.checkpoint import load_checkpoint, save_checkpoint, save_final, write_text_atomic
+from align.checkpoint import write_text_atomic
 from align.config import RewardModelStage
 from align.data.packing import epoch_order
 from align.errors import AlignError
+from align.loop import StageTrainer, run_stage
 from align.moe import moe_gates, router_stats
 from align.stage import StageContext, StageResult
-from align.tracking import MetricsLog
-from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
-                               build_scheduler, make_accelerator, maybe_no_sync, optimizer_step,
-                               total_optimizer_steps)
+from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, load_trainable_model,
+                               maybe_no_sync, optimizer_step, reduce_sum, total_optimizer_steps)
 from rewards.model import CALIBRATION_FILE
 
 
@@ -105,7 +103,9 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center: float | No
     return loss
 
 
-def load_reward_model(recipe, stage: RewardModelStage, path: Path, pad_id: int):
+def load_score_model(recipe, path: Path, pad_id: int):
+    """A sequence-classification model with one output (the score) from a model directory; a
+    causal LM's directory gets a new, seeded score head."""
     from transformers import AutoModelForSequenceClassification
 
     from align.models.load import load_pretrained
@@ -113,14 +113,6 @@ def load_reward_model(recipe, stage: RewardModelStage, path: Path, pad_id: int):
     model = load_pretrained(AutoModelForSequenceClassification, path, recipe.model.dtype,
                             recipe.model.trust_remote_code, recipe.model.allow_pickle_weights, num_labels=1)
     model.config.pad_token_id = pad_id  # the head reads the last token before the first pad
-    if stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if stage.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-            target_modules=stage.lora.target_modules, task_type="SEQ_CLS"))
     return model
 
 
@@ -141,7 +133,7 @@ def evaluate(model, pairs: Pairs, accelerator, batch_size: int, pad_id: int) -> 
         both = torch.cat([rc, rr]).double()
         totals += torch.stack([(rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(rc)), both.sum(),
                                both.square().sum()]).double()
-    totals = accelerator.reduce(totals, reduction="sum") if world > 1 else totals
+    totals = reduce_sum(accelerator, totals)
     model.train()
     n = float(totals[2]) or math.nan
     center = float(totals[3]) / (2 * n)
@@ -163,77 +155,66 @@ def write_calibration(final: Path, metrics: dict[str, float]) -> None:
         indent=2) + "\n")
 
 
-def run(ctx: StageContext) -> StageResult:
-    from align.models.load import load_tokenizer
+class RewardModelTrainer(StageTrainer):
+    """Bradley–Terry training of a score head on preference pairs, on the shared stage loop."""
 
-    stage: RewardModelStage = ctx.stage
-    recipe = ctx.recipe
-    acc = make_accelerator(stage, log_dir=ctx.stage_dir, report_to=recipe.logging.report_to)
-    tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id
-    pairs = load_pairs(stage.data, tokenizer, stage.max_seq_len)
-    order = np.random.default_rng([ctx.seed, 0xE7A1]).permutation(len(pairs))
-    n_eval = int(round(len(pairs) * stage.eval_split))
-    eval_pairs, train_pairs = pairs.take(order[:n_eval]), pairs.take(order[n_eval:])
-    global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * acc.num_processes
-    steps_per_epoch = len(train_pairs) // global_batch
-    total = total_optimizer_steps(stage, steps_per_epoch)
-    weights = ctx.resume_from if ctx.resume_from is not None and stage.lora is None else ctx.init_model
-    torch.manual_seed(ctx.seed)  # the new score head's init depends on the stage's seed only
-    model = load_reward_model(recipe, stage, Path(weights), pad_id)
-    optimizer = build_optimizer(model, stage)
-    scheduler = build_scheduler(optimizer, stage, total)
-    model, optimizer = acc.prepare(model, optimizer)
-    step = 0
-    if ctx.resume_from is not None:
-        step = load_checkpoint(ctx.resume_from, optimizer=optimizer, scheduler=scheduler,
-                               rank=acc.process_index)["step"]
-    log = MetricsLog(ctx.stage_dir, acc, resume_step=step if ctx.resume_from else None)
-    guard = NonFiniteGuard()
-    is_moe = bool(moe_gates(acc.unwrap_model(model)))
-    before = evaluate(model, eval_pairs, acc, stage.per_device_batch_size, pad_id) if n_eval and step == 0 else {}
-    started, first_loss, loss_value = time.perf_counter(), None, None
-    model.train()
-    while step < total:
-        epoch, pos = divmod(step, max(1, steps_per_epoch))
-        rows = epoch_order(len(train_pairs), global_batch, ctx.seed, epoch)[pos]
-        local = rows[acc.process_index::acc.num_processes]
-        micro = np.array_split(local, stage.gradient_accumulation_steps)
+    def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
+        from align.models.load import load_tokenizer
+
+        stage: RewardModelStage = ctx.stage
+        recipe = ctx.recipe
+        self.ctx, self.stage, self.acc, self.guard = ctx, stage, accelerator, guard
+        self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        pairs = load_pairs(stage.data, self.tokenizer, stage.max_seq_len)
+        order = np.random.default_rng([ctx.seed, 0xE7A1]).permutation(len(pairs))
+        n_eval = int(round(len(pairs) * stage.eval_split))
+        self.eval_pairs, self.train_pairs = pairs.take(order[:n_eval]), pairs.take(order[n_eval:])
+        self.global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * accelerator.num_processes
+        self.steps_per_epoch = len(self.train_pairs) // self.global_batch
+        self.total_steps = total_optimizer_steps(stage, self.steps_per_epoch)
+        model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from, task_type="SEQ_CLS",
+                                     loader=lambda path: load_score_model(recipe, path, self.pad_id))
+        optimizer = build_optimizer(model, stage)
+        self.scheduler = build_scheduler(optimizer, stage, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model.train()
+        self.is_moe = bool(moe_gates(accelerator.unwrap_model(self.model)))
+
+    def train_step(self, step: int, log: bool) -> dict[str, float]:
+        acc, stage = self.acc, self.stage
+        epoch, pos = divmod(step, max(1, self.steps_per_epoch))
+        rows = epoch_order(len(self.train_pairs), self.global_batch, self.ctx.seed, epoch)[pos]
+        micro = np.array_split(rows[acc.process_index::acc.num_processes], stage.gradient_accumulation_steps)
         loss_value, correct = 0.0, 0.0
-        log_now = (step + 1) % stage.logging_steps == 0 or step + 1 == total
         # the logged step's routing of real tokens (pair_scores passes the attention mask)
-        with router_stats(acc.unwrap_model(model), is_moe and log_now) as stats:
+        with router_stats(acc.unwrap_model(self.model), self.is_moe and log) as stats:
             for j, chunk in enumerate(micro):
-                batch = {k: v.to(acc.device) for k, v in collate(train_pairs.take(chunk), pad_id).items()}
-                with maybe_no_sync(acc, model, sync=j == len(micro) - 1):
-                    rc, rr = pair_scores(model, batch)
+                batch = {k: v.to(acc.device) for k, v in collate(self.train_pairs.take(chunk), self.pad_id).items()}
+                with maybe_no_sync(acc, self.model, sync=j == len(micro) - 1):
+                    rc, rr = pair_scores(self.model, batch)
                     loss = bt_loss(rc, rr, stage.center_rewards_coefficient) / len(micro)
                     backward(acc, loss)
                 loss_value += float(loss.detach())
                 correct += float((rc > rr).float().mean()) / len(micro)
-        norm = optimizer_step(acc, model, optimizer, scheduler, stage, guard, step)
-        step += 1
-        first_loss = first_loss if first_loss is not None else loss_value
-        if log_now:
-            log.log(step, {"loss": loss_value, "accuracy": correct, "grad_norm": norm,
-                           "lr": scheduler.get_last_lr()[0], "epoch": step / max(1, steps_per_epoch),
-                           **stats.metrics()})
-        if stage.save_steps and step % stage.save_steps == 0 and step < total or ctx.stop.requested:
-            path = save_checkpoint(ctx.stage_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                   scheduler=scheduler, state={}, accelerator=acc, keep_last=stage.keep_last)
-            if ctx.stop.requested:
-                raise TrainingInterrupted(stage.name, step, path)
-    after = evaluate(model, eval_pairs, acc, stage.per_device_batch_size, pad_id) if n_eval else {}
-    if after:
-        log.log(step, after)
-    final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=acc,
-                       merge_lora=stage.lora.merge_on_save if stage.lora else True)
-    if acc.is_main_process:
-        write_calibration(final, after)
-    summary = {"steps": step, "train_pairs": len(train_pairs), "eval_pairs": n_eval,
-               "loss_first_step": first_loss, "loss_last_step": loss_value,
-               "time_s": round(time.perf_counter() - started, 1), "skipped_steps": guard.skipped}
-    summary.update({f"{k} (before)": v for k, v in before.items() if not k.startswith("score_")})
-    summary.update(after)
-    log.close()
-    return StageResult(final=final, summary=summary)
+        norm = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage, self.guard, step)
+        if not log:
+            return {"loss": loss_value}
+        return {"loss": loss_value, "accuracy": correct, "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],
+                "epoch": (step + 1) / max(1, self.steps_per_epoch), **stats.metrics()}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if not len(self.eval_pairs):
+            return {}
+        return evaluate(self.model, self.eval_pairs, self.acc, self.stage.per_device_batch_size, self.pad_id)
+
+    def summary(self) -> dict:
+        return {"train_pairs": len(self.train_pairs), "eval_pairs": len(self.eval_pairs)}
+
+    def finalize(self, final: Path, eval_after: dict[str, float]) -> None:
+        if self.acc.is_main_process:
+            write_calibration(final, eval_after)
+
+
+def run(ctx: StageContext) -> StageResult:
+    return run_stage(ctx, RewardModelTrainer)

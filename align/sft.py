@@ -10,9 +10,9 @@ One optimizer step, in order:
      thus the gradient of the mean loss over the global batch's target tokens, whatever the split:
      per-device batch 1 × accumulation 8 equals 8 × 1 and 2 ranks × 4 equal 1 × 8;
   4. clip to `max_grad_norm`, skip the update if the norm is non-finite, step optimizer + schedule;
-  5. log (loss, lr, grad_norm, tokens/s, epoch, step; for an MoE model also the router metrics of
-     the logged step's forward passes, `align.moe.metrics`); every `save_steps`: held-out loss and a
-     checkpoint; if a stop was requested: checkpoint and raise `TrainingInterrupted`.
+  5. on a logged step: the mean loss since the last logged step, lr, grad_norm, tokens/s, epoch
+     (for an MoE model also the router metrics of the step's forward passes, `align.moe.metrics`).
+Checkpoints, evaluation, stop and resume are the shared stage loop's (`align.loop`).
 
 Recipe keys (SFTStage): data/eval_data/eval_split (sources and mixture: `align.data.mixture`),
 max_seq_len + overlong (truncate | drop, counted), packing (padding-free, `align.data.packing`),
@@ -28,7 +28,6 @@ the step, and the loss is normalised over the global batch rather than per micro
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.checkpoint import load_checkpoint, save_checkpoint, save_final
 from align.data import packing
 from align.data.cache import tokenized_source
 from align.data.mixture import mixture_indices, split_eval
 from align.errors import AlignError
+from align.loop import StageTrainer, run_stage
 from align.moe import RouterStats, moe_gates, router_stats
 from align.stage import StageContext, StageResult
-from align.tracking import MetricsLog
-from align.train_utils import (NonFiniteGuard, TrainingInterrupted, backward, build_optimizer,
-                               build_scheduler, load_trainable_model, make_accelerator, maybe_no_sync,
-                               model_summary, optimizer_step, total_optimizer_steps)
+from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, load_trainable_model,
+                               maybe_no_sync, model_summary, optimizer_step, reduce_sum, total_optimizer_steps)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -160,7 +157,7 @@ def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | N
             ce, _ = token_loss_sum(local, batch, 0.0)
         total[0] += ce.double()
     total[1] = float(data.eval_targets.sum()) if rank == 0 else 0.0
-    total = accelerator.reduce(total, reduction="sum") if world > 1 else total
+    total = reduce_sum(accelerator, total)
     model.train()
     return float(total[0] / total[1])
 
@@ -196,121 +193,83 @@ def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator,
                 loss = loss + coef * aux / accum
             backward(accelerator, loss)
         loss_sum += ce.detach().double()
-    if world > 1:
-        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-    return float(loss_sum), n_targets, tokens
+    return float(reduce_sum(accelerator, loss_sum)), n_targets, tokens
 
 
-def _progress(accelerator, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class SFTTrainer(StageTrainer):
+    """Conversations → assistant-only next-token loss, on the shared stage loop."""
 
-    bar = Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"), disable=not accelerator.is_main_process)
-    task = bar.add_task("sft", total=total, completed=start, info="")
-    return bar, task
+    def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
+        from align.models.load import load_tokenizer
+
+        stage, recipe = ctx.stage, ctx.recipe
+        self.ctx, self.stage, self.acc, self.guard = ctx, stage, accelerator, guard
+        if stage.lora is not None and stage.lora.target_modules == []:
+            raise AlignError(f"stage {stage.name!r}: lora.target_modules is empty; list module names or use all-linear")
+        self.tokenizer = load_tokenizer(ctx.init_model, trust_remote_code=recipe.model.trust_remote_code)
+        self.data = prepare_data(ctx, self.tokenizer, accelerator)
+        world = accelerator.num_processes
+        self.global_batch = stage.per_device_batch_size * world * stage.gradient_accumulation_steps
+        self.steps_per_epoch = len(self.data.train) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise AlignError(f"stage {stage.name!r}: {len(self.data.train)} training rows"
+                             f"{' after packing' if stage.packing else ''} are fewer than one global batch "
+                             f"({stage.per_device_batch_size} per device × {world} processes × "
+                             f"{stage.gradient_accumulation_steps} accumulation); lower them or add data")
+        self.total_steps = total_optimizer_steps(stage, self.steps_per_epoch)
+        model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
+        optimizer = build_optimizer(model, stage)
+        self.scheduler = build_scheduler(optimizer, stage, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model.train()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.is_moe = bool(moe_gates(accelerator.unwrap_model(self.model)))
+        self.tokens = 0  # trained non-padding tokens, over every resumed run
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its batch order)
+        self._window = (0.0, 0, time.perf_counter())  # loss sum, tokens, start of the logging window
+
+    def train_step(self, step: int, log: bool) -> dict[str, float]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, packing.epoch_order(len(self.data.train), self.global_batch, self.ctx.seed,
+                                                     epoch, self.data.lengths)
+        with router_stats(self.acc.unwrap_model(self.model), self.is_moe and log) as stats:
+            loss_sum, n_targets, tokens = forward_backward(self.model, self.data, self._order[1][position],
+                                                           self.stage, self.acc, self.pad_id, stats)
+        grad_norm = optimizer_step(self.acc, self.model, self.optimizer, self.scheduler, self.stage, self.guard, step)
+        loss = loss_sum / max(n_targets, 1)
+        window_loss, window_tokens, t_window = self._window
+        window_loss, window_tokens = window_loss + loss, window_tokens + tokens * self.acc.num_processes
+        if not log:
+            self._window = window_loss, window_tokens, t_window
+            return {"loss": loss}
+        now = time.perf_counter()
+        self.tokens += window_tokens
+        self._window = 0.0, 0, now
+        return {"loss": window_loss / (step % self.stage.logging_steps + 1), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(now - t_window, 1e-9),
+                "epoch": (step + 1) / self.steps_per_epoch, "skipped_steps": self.guard.skipped,
+                **stats.metrics()}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        loss = evaluate(self.model, self.data, self.stage, self.acc, self.pad_id)
+        return {} if loss is None else {"eval_loss": loss}
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens = state["tokens"]
+
+    def summary(self) -> dict:
+        data = self.data
+        return {"epochs": self.total_steps / self.steps_per_epoch, "tokens": self.tokens,
+                "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+                "data": {k: {**v["tokenize"], "invalid_rows": v["read"]["bad"], "cached": v["cached"]}
+                         for k, v in data.stats.items()},
+                **model_summary(self.acc.unwrap_model(self.model))}
 
 
 def run(ctx: StageContext) -> StageResult:
     """Train the SFT stage of `ctx.recipe`; resumable from `ctx.resume_from`."""
-    from align.models.load import load_tokenizer
-
-    stage, recipe = ctx.stage, ctx.recipe
-    accelerator = ctx.accelerator or make_accelerator(stage)
-    if stage.lora is not None and stage.lora.target_modules == []:
-        raise AlignError(f"stage {stage.name!r}: lora.target_modules is empty; list module names or use all-linear")
-    tokenizer = load_tokenizer(ctx.init_model, trust_remote_code=recipe.model.trust_remote_code)
-    data = prepare_data(ctx, tokenizer, accelerator)
-
-    world = accelerator.num_processes
-    global_batch = stage.per_device_batch_size * world * stage.gradient_accumulation_steps
-    steps_per_epoch = len(data.train) // global_batch
-    total_steps = total_optimizer_steps(stage, steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise AlignError(f"stage {stage.name!r}: {len(data.train)} training rows"
-                         f"{' after packing' if stage.packing else ''} are fewer than one global batch "
-                         f"({stage.per_device_batch_size} per device × {world} processes × "
-                         f"{stage.gradient_accumulation_steps} accumulation); lower them or add data")
-
-    torch.manual_seed(ctx.seed)
-    model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
-    optimizer = build_optimizer(model, stage)
-    scheduler = build_scheduler(optimizer, stage, total_steps)
-    state = {"step": 0, "tokens": 0, "first_loss": None, "eval_before": None, "elapsed": 0.0}
-    if ctx.resume_from is not None:
-        state.update(load_checkpoint(ctx.resume_from, optimizer=optimizer, scheduler=scheduler,
-                                     rank=accelerator.process_index))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    pad_id = tokenizer.pad_token_id
-    metrics = MetricsLog(ctx.stage_dir, accelerator, resume_step=state["step"] if ctx.resume_from else None)
-    guard = NonFiniteGuard()
-    is_moe = bool(moe_gates(accelerator.unwrap_model(model)))
-
-    if ctx.resume_from is None:
-        state["eval_before"] = evaluate(model, data, stage, accelerator, pad_id)
-        metrics.log(0, {"eval_loss": state["eval_before"]})
-
-    def checkpoint(step: int):
-        return save_checkpoint(ctx.stage_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                               scheduler=scheduler, state={k: v for k, v in state.items() if k != "step"},
-                               accelerator=accelerator, keep_last=stage.keep_last)
-
-    step, order, order_epoch = state["step"], None, -1
-    window_loss, window_tokens, t_window, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
-    last_loss = None
-    bar, task = _progress(accelerator, total_steps, step)
-    with bar:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = packing.epoch_order(len(data.train), global_batch, ctx.seed, epoch,
-                                                         data.lengths), epoch
-            log_now = (step + 1) % stage.logging_steps == 0 or step + 1 == total_steps
-            with router_stats(accelerator.unwrap_model(model), is_moe and log_now) as stats:
-                loss_sum, n_targets, tokens = forward_backward(model, data, order[position], stage, accelerator,
-                                                               pad_id, stats)
-            window_tokens += tokens
-            grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, stage, guard, step)
-            step += 1
-            last_loss = loss_sum / max(n_targets, 1)
-            state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else last_loss
-            window_loss += last_loss
-            if log_now:
-                now = time.perf_counter()
-                n_logged = (step - 1) % stage.logging_steps + 1
-                tokens = window_tokens * world
-                state["tokens"] += tokens
-                metrics.log(step, {"loss": window_loss / n_logged, "lr": scheduler.get_last_lr()[0],
-                                   "grad_norm": grad_norm, "tokens_per_s": tokens / max(now - t_window, 1e-9),
-                                   "epoch": step / steps_per_epoch, "skipped_steps": guard.skipped,
-                                   **stats.metrics()})
-                bar.update(task, completed=step, info=f"loss {window_loss / n_logged:.4f}")
-                window_loss, window_tokens, t_window = 0.0, 0, now
-            saving = stage.save_steps is not None and step % stage.save_steps == 0 and step < total_steps
-            if saving:
-                metrics.log(step, {"eval_loss": evaluate(model, data, stage, accelerator, pad_id)})
-            if saving or ctx.stop.requested:
-                state["elapsed"] += time.perf_counter() - t_start
-                t_start = time.perf_counter()
-                state["step"] = step
-                path = checkpoint(step)
-                if ctx.stop.requested and step < total_steps:
-                    raise TrainingInterrupted(stage.name, step, path)
-
-    eval_after = evaluate(model, data, stage, accelerator, pad_id)
-    metrics.log(step, {"eval_loss": eval_after})
-    state["elapsed"] += time.perf_counter() - t_start
-    summary = {"steps": step, "epochs": step / steps_per_epoch, "train_loss_first": state["first_loss"],
-               "train_loss_last": last_loss, "eval_loss_before": state["eval_before"], "eval_loss_after": eval_after,
-               "tokens": state["tokens"], "time_s": round(state["elapsed"], 2),
-               "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
-               "skipped_steps": guard.skipped,
-               "data": {k: {**v["tokenize"], "invalid_rows": v["read"]["bad"], "cached": v["cached"]}
-                        for k, v in data.stats.items()},
-               **model_summary(accelerator.unwrap_model(model))}
-    final = save_final(ctx.stage_dir, model=model, tokenizer=tokenizer, accelerator=accelerator,
-                       merge_lora=stage.lora.merge_on_save if stage.lora is not None else True)
-    metrics.close()
-    if last_loss is not None and not math.isfinite(last_loss):
-        raise AlignError(f"stage {stage.name!r} ended with a non-finite loss; lower lr or check the data")
-    return StageResult(final=final, summary=summary)
+    return run_stage(ctx, SFTTrainer)

@@ -1,8 +1,8 @@
 """What the pipeline hands a stage, and what a stage hands back.
 
 Each stage kind lives in its own module with one entry point `run(ctx) -> StageResult`
-(align.sft, align.reward_model, align.grpo.trainer); the pipeline looks the kind up and never
-special-cases it.
+(align.sft, align.reward_model, align.grpo.trainer), each a `StageTrainer` driven by the shared
+loop in `align.loop`; the pipeline looks the kind up and never special-cases it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import Recipe, Stage
+from align.errors import AlignError
 
 
 @dataclass
@@ -22,7 +23,6 @@ class StageContext:
     stage_dir: Path  # <output_dir>/<stage.name>
     init_model: Path  # HF directory the stage starts from (the base model or an earlier final/)
     resume_from: Path | None = None  # a checkpoint-<step> of this stage to continue from
-    accelerator: Any = None  # accelerate.Accelerator, created by the pipeline
     stop: "StopFlag" = field(default_factory=lambda: StopFlag())
 
     @property
@@ -48,3 +48,12 @@ class StopFlag:
 
     def _handler(self, signum, _frame) -> None:
         self.requested = True
+
+
+class TrainingInterrupted(AlignError):
+    """A stop was requested (SIGINT/SIGTERM); a checkpoint was written at `checkpoint`."""
+
+    def __init__(self, stage: str, step: int, checkpoint: Path):
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
+        super().__init__(f"stage {stage!r} stopped at step {step}; checkpoint written to {checkpoint}. "
+                         "Rerun the same command to resume from it.")

@@ -1,4 +1,4 @@
-"""Training-loop pieces every align trainer shares (SFT, GRPO): accelerator, model, optimizer,
+"""Training-step pieces every align stage shares (SFT, reward model, GRPO): accelerator, model, optimizer,
 schedule, gradient step. Each takes a stage config (`align.config.StageBase`) so a recipe key means
 the same thing in every stage.
 
@@ -11,7 +11,7 @@ created with `gradient_accumulation_steps=1` and the trainers call `no_sync` the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,6 @@ from typing import Any
 import torch
 
 from align.errors import AlignError
-
-
-class TrainingInterrupted(AlignError):
-    """A stop was requested (SIGINT/SIGTERM); a checkpoint was written at `checkpoint`."""
-
-    def __init__(self, stage: str, step: int, checkpoint: Path):
-        self.stage, self.step, self.checkpoint = stage, step, checkpoint
-        super().__init__(f"stage {stage!r} stopped at step {step}; checkpoint written to {checkpoint}. "
-                         "Rerun the same command to resume from it.")
 
 
 # ----------------------------------------------------------------------------- accelerator
@@ -54,46 +45,63 @@ def make_accelerator(stage, log_dir: str | Path | None = None, report_to: list[s
                        log_with=trackers or None, project_dir=str(log_dir) if log_dir else None)
 
 
+def reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks (a collective: every rank must call it); as is on one."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor, reduction="sum")
+
+
 def global_token_count(accelerator, local_count: int) -> int:
     """Sum of `local_count` over all ranks (a collective: every rank must call it)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return int(local_count)
-    t = torch.tensor([local_count], dtype=torch.long, device=accelerator.device)
-    return int(accelerator.reduce(t, reduction="sum").item())
+    device = accelerator.device if accelerator is not None else "cpu"
+    return int(reduce_sum(accelerator, torch.tensor([local_count], dtype=torch.long, device=device)).item())
+
+
+def mean_over_ranks(accelerator, values: torch.Tensor, select: torch.Tensor) -> float:
+    """Mean of the selected finite `values` over all ranks (shares may differ in length); NaN if
+    none. Every rank must call it with the same `select` pattern of calls."""
+    keep = select & values.isfinite()
+    totals = reduce_sum(accelerator, torch.stack([torch.where(keep, values, 0.0).sum(), keep.sum().double()]))
+    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
 
 
 # ------------------------------------------------------------------------------------ model
 
 
-def apply_lora(model, lora, adapter_dir: str | Path | None = None):
-    """Wrap `model` with a peft LoRA adapter built from a recipe `lora:` section, or load a
-    trainable adapter saved in `adapter_dir` (a LoRA checkpoint being resumed)."""
+def apply_lora(model, lora, adapter_dir: str | Path | None = None, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with a peft LoRA adapter built from a recipe `lora:` section, or load the
+    trainable adapter saved in `adapter_dir` (a LoRA checkpoint being resumed). For `SEQ_CLS`
+    peft also trains and saves the new score head (`modules_to_save`)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                        target_modules=lora.target_modules, task_type=task_type)
     return get_peft_model(model, config)
 
 
-def load_trainable_model(recipe, stage, init_model: str | Path, resume_from: str | Path | None = None):
+def load_trainable_model(recipe, stage, init_model: str | Path, resume_from: str | Path | None = None,
+                         loader: Callable[[Path], torch.nn.Module] | None = None, task_type: str = "CAUSAL_LM"):
     """The model a stage trains: `init_model` (or the full weights of a checkpoint being resumed),
     with LoRA and gradient checkpointing as the stage asks. A LoRA checkpoint holds only the
-    adapter, so the base comes from `init_model` and the adapter from `resume_from`."""
+    adapter (and, for a reward model, its score head), so the base comes from `init_model` and
+    the adapter from `resume_from`. `loader` reads a directory (default: a causal LM)."""
     from align.models.load import load_causal_lm
 
     lora = stage.lora
-    weights = resume_from if resume_from is not None and lora is None else init_model
-    model = load_causal_lm(weights, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
-                           allow_pickle=recipe.model.allow_pickle_weights)
+    weights = Path(resume_from if resume_from is not None and lora is None else init_model)
+    model = (loader or (lambda path: load_causal_lm(path, dtype=recipe.model.dtype,
+                                                   trust_remote_code=recipe.model.trust_remote_code,
+                                                   allow_pickle=recipe.model.allow_pickle_weights)))(weights)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         if lora is not None:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if lora is not None:
-        model = apply_lora(model, lora, adapter_dir=resume_from)
+        model = apply_lora(model, lora, adapter_dir=resume_from, task_type=task_type)
     return model
 
 

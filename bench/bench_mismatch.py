@@ -45,7 +45,7 @@ def score(trainer, prompt_ids, samples, pad_id, replay: bool):
     import torch
 
     from align.grpo.logprobs import completion_logprobs
-    from align.grpo.trainer import build_batch
+    from align.grpo.batch import build_batch
     from align.moe import RouteRecorder, RouteReplay, moe_gates, route_mismatch, routes_to_batch
 
     batch = build_batch(prompt_ids, samples, pad_id, mask_truncated=False)
@@ -81,7 +81,9 @@ def main() -> None:
     import torch
 
     from align.models.tiny import build_tiny, count_parameters
-    from align.moe import RouteRecorder, RouteReplay, checkpoint_weights, repack_cpu_experts
+    from align.moe import RouteRecorder, RouteReplay
+    from align.weights import checkpoint_weights
+    from rollout.vllm_cpu import repack_cpu_experts
     from rollout.base import SamplingParams
     from rollout.hf import HFEngine
     from bench_rollout import chat_prompts
@@ -122,7 +124,7 @@ def main() -> None:
                       f"{top:.2e} | {shown} |")
 
     if moe:  # cost of the hooks
-        from align.grpo.trainer import build_batch
+        from align.grpo.batch import build_batch
 
         samples = [s for g in hf.generate(prompts, args.group, sampling) for s in g]
         batch = build_batch(prompt_ids, samples, tok.pad_token_id, mask_truncated=False)

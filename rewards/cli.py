@@ -41,14 +41,14 @@ def test_rewards(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample: {\"rewards\": {...}, \"total\": x}."),
 ) -> None:
     """Score samples with one or more rewards and print each component and the combined reward."""
-    from rewards.suite import RewardSuite
+    from rewards.reward_set import RewardSet
 
     specs = _specs(reward, weight or [], kwargs or [])
     rows = read_samples(samples)
     batch = columns_of(rows, chat)
     if tokenizer and batch.get("completion_ids") is None:
         batch["completion_ids"] = _token_ids(tokenizer, batch["completions"])
-    scored = RewardSuite(specs)(**batch)
+    scored = RewardSet(specs)(**batch)
     _print(scored, [s.key for s in specs], as_json)
 
 

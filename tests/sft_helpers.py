@@ -23,8 +23,7 @@ def make_data(path: Path, kind: str = "math", n: int = 600, seed: int = 0) -> Pa
     return path
 
 
-def make_ctx(out: Path, model_dir: Path, data: Path, overrides: list[str] = (), resume_from: Path | None = None,
-             accelerator=None):
+def make_ctx(out: Path, model_dir: Path, data: Path, overrides: list[str] = (), resume_from: Path | None = None):
     from align.recipe import load_recipe
     from align.stage import StageContext
 
@@ -33,7 +32,7 @@ def make_ctx(out: Path, model_dir: Path, data: Path, overrides: list[str] = (), 
     recipe = load_recipe(TINY_RECIPE, overrides=sets, check_files=False)
     stage = recipe.stages[0]
     return StageContext(recipe=recipe, stage=stage, stage_dir=out / stage.name, init_model=model_dir,
-                        resume_from=resume_from, accelerator=accelerator)
+                        resume_from=resume_from)
 
 
 @pytest.fixture(scope="session")

@@ -132,10 +132,10 @@ outputs = st.one_of(
 def test_random_reward_outputs(output, n, normalize):
     import helpers.fuzz_rewards as scripted
     from rewards.config import RewardSpec
-    from rewards.suite import RewardSuite
+    from rewards.reward_set import RewardSet
 
     scripted.OUTPUT = output
-    suite = RewardSuite([RewardSpec(name="helpers.fuzz_rewards:scripted", fallback=0.25, normalize=normalize),
+    suite = RewardSet([RewardSpec(name="helpers.fuzz_rewards:scripted", fallback=0.25, normalize=normalize),
                          RewardSpec(name="format")])
     try:
         scored = suite(["q"] * n, ["<answer>1</answer>"] * n)

@@ -9,11 +9,12 @@ import torch
 
 from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
-from align.grpo.batch import GRPOBatch, mask_after_eos, mask_truncated
+from align.grpo.batch import build_batch
 from align.grpo.kl import KL_ESTIMATORS
 from align.grpo.logprobs import completion_logprobs, token_logprobs
 from align.grpo.loss import LOSS_AGGREGATIONS, policy_loss, rollout_is_weights
-from align.grpo.metrics import completion_metrics, reward_metrics
+from align.grpo.metrics import completion_metrics
+from rollout.base import Sample
 from align.grpo.registry import Registry
 
 LN2 = math.log(2.0)
@@ -263,51 +264,22 @@ def test_padding_cannot_produce_nan():
 
 # ----------------------------------------------------------------------------------------- batch
 
-def _batch() -> GRPOBatch:
-    n = 6
-    return GRPOBatch(
-        prompt_ids=torch.arange(n * 2).view(n, 2), prompt_mask=torch.ones(n, 2, dtype=torch.long),
-        completion_ids=torch.arange(n * 3).view(n, 3), completion_mask=torch.ones(n, 3, dtype=torch.long),
-        rewards=torch.arange(n, dtype=torch.float), reward_components={"math": torch.arange(n) * 10.0},
-        group_ids=torch.tensor([7, 3, 7, 3, 5, 5]), truncated=torch.tensor([0, 0, 1, 0, 0, 1]).bool(),
-        weight_version=4)
-
-
-def test_batch_index_split_and_inputs():
-    b = _batch()
-    assert len(b) == 6 and b.input_ids.shape == (6, 5) and b.attention_mask.shape == (6, 5)
-    sub = b.index([4, 0])
-    assert sub.rewards.tolist() == [4.0, 0.0] and sub.reward_components["math"].tolist() == [40.0, 0.0]
-    assert sub.weight_version == 4 and sub.old_logp is None
-    parts = b.split(3)
-    assert [p.rewards.tolist() for p in parts] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
-    # keep_groups: groups 7, 3, 5 (first-appearance order) each whole in one part
-    parts = b.split(3, keep_groups=True)
-    assert [p.group_ids.tolist() for p in parts] == [[7, 7], [3, 3], [5, 5]]
-    assert [p.rewards.tolist() for p in parts] == [[0.0, 2.0], [1.0, 3.0], [4.0, 5.0]]
-    with pytest.raises(AlignError, match="divides 6"):
-        b.split(4)
-    with pytest.raises(AlignError, match="whole, equal groups"):
-        b.split(2, keep_groups=True)  # 3 groups cannot go into 2 equal parts
-
-
-def test_mask_after_eos_and_truncated():
-    eos = 9
-    ids = torch.tensor([[1, 2, 9, 3, 9], [1, 1, 1, 1, 1], [9, 0, 0, 0, 0]])
-    mask = mask_after_eos(ids, eos)
-    # through the first EOS; a row with no EOS keeps everything
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-    assert mask_after_eos(ids, [3, 9]).tolist()[0] == [1, 1, 1, 0, 0]
-    assert mask_truncated(mask, torch.tensor([False, True, False])).tolist()[1] == [0] * 5
+def test_build_batch_layout_by_hand():
+    """Prompts left-padded to P = 3, completions right-padded to T = 2; the truncated sample's
+    mask is zeroed only with mask_truncated; missing engine logprobs stay NaN."""
+    samples = [Sample([7, 8], [-0.5, -0.25], "stop"), Sample([9], None, "length")]
+    for masked in (False, True):
+        b = build_batch([[1, 2, 3], [4]], samples, pad_id=0, mask_truncated=masked)
+        assert b["input_ids"].tolist() == [[1, 2, 3, 7, 8], [0, 0, 4, 9, 0]]
+        assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 0]]
+        assert b["completion_mask"].tolist() == [[1, 1], [0, 0] if masked else [1, 0]]
+        assert b["rollout_logp"][0].tolist() == [-0.5, -0.25] and b["rollout_logp"][1].isnan().all()
+        assert b["truncated"].tolist() == [False, True]
 
 
 # --------------------------------------------------------------------------------------- metrics
 
-def test_reward_and_completion_metrics_by_hand():
-    # rewards [1, 3, NaN]: mean 2, unbiased std sqrt(((1-2)² + (3-2)²)/1) = sqrt 2
-    m = reward_metrics(torch.tensor([1.0, 3.0, float("nan")]), {"fmt": torch.tensor([0.0, 0.0, 1.0])})
-    assert m["reward/mean"].item() == 2.0 and m["reward/std"].item() == pytest.approx(math.sqrt(2))
-    assert m["reward/fmt/mean"].item() == pytest.approx(1 / 3)
+def test_completion_metrics_by_hand():
     # lengths 3, 1, 4 (the 4 was truncated): mean 8/3, terminated mean (3+1)/2
     cm = completion_metrics(torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]),
                             torch.tensor([False, False, True]))

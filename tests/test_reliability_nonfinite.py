@@ -54,9 +54,9 @@ def test_inf_gradients_are_skipped_counted_and_then_stop_the_run():
 
 def test_nan_rewards_get_the_fallback_and_are_counted():
     from rewards.config import RewardSpec
-    from rewards.suite import RewardSuite
+    from rewards.reward_set import RewardSet
 
-    suite = RewardSuite([RewardSpec(name="helpers.fuzz_rewards:not_a_number", fallback=-0.5),
+    suite = RewardSet([RewardSpec(name="helpers.fuzz_rewards:not_a_number", fallback=-0.5),
                          RewardSpec(name="format")])
     scored = suite(["q"] * 4, ["a", "b", "c", "d"])
     assert scored.components["not_a_number"] == [-0.5] * 4

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from align.errors import AlignError
 from rewards.cli import app
 from rewards.config import RewardSpec
-from rewards.suite import RewardSuite
+from rewards.reward_set import RewardSet
 
 runner = CliRunner()
 ROWS = [
@@ -88,7 +88,7 @@ def test_suite_passes_trainer_kwargs_like_trl():
     module.spy = spy
     sys.modules["spy_rewards"] = module
     try:
-        suite = RewardSuite([RewardSpec(name="spy_rewards:spy"), RewardSpec(name="trl.rewards:accuracy_reward")])
+        suite = RewardSet([RewardSpec(name="spy_rewards:spy"), RewardSpec(name="trl.rewards:accuracy_reward")])
         chat = [[{"role": "assistant", "content": r"\boxed{3}"}]] * 2
         scored = suite(prompts=[[{"role": "user", "content": "q"}]] * 2, completions=chat, completion_ids=[[1], [2]],
                        trainer_state="STATE", solution=["3", "4"], level=[1, 2])

@@ -66,12 +66,12 @@ def test_when_scores_only_matching_rows_and_reweights_the_rest():
 
     from align.errors import AlignError
     from rewards.config import RewardSpec
-    from rewards.suite import RewardSuite
+    from rewards.reward_set import RewardSet
 
     fixture = str(Path(__file__).parent / "fixtures" / "user_rewards.py")
     specs = [RewardSpec(name=f"{fixture}:text_length", alias="safety_len", weight=1.0, when={"category": ["safety"]}),
              RewardSpec(name=f"{fixture}:char_diversity", alias="diversity", weight=1.0)]
-    suite = RewardSuite(specs)
+    suite = RewardSet(specs)
     prompts, completions = ["p0", "p1", "p2"], ["aa", "abc", "abcd"]
     out = suite(prompts, completions, category=["helpfulness", "safety", "helpfulness"])
     assert out.components["safety_len"] == [None, 3.0, None]

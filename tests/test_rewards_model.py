@@ -6,7 +6,7 @@ import torch
 from align.errors import AlignError
 from rewards.config import RewardSpec
 from rewards.model import RewardModelScorer
-from rewards.suite import RewardSuite
+from rewards.reward_set import RewardSet
 
 TEXTS = ["What is 2 + 2? The answer is 4.", "Tell me a joke about cats.", "Paris is the capital of France."] * 20
 
@@ -40,7 +40,7 @@ def test_batched_scores_equal_one_by_one(rm_dir):
 
 
 def test_plain_prompts_and_suite_gate(rm_dir):
-    suite = RewardSuite([RewardSpec(model=str(rm_dir), alias="rm", gate=1e9, gate_penalty=-5.0),
+    suite = RewardSet([RewardSpec(model=str(rm_dir), alias="rm", gate=1e9, gate_penalty=-5.0),
                          RewardSpec(name="format", weight=0.0)])
     scored = suite(prompts=["Q: 2+2? ", "Q: 3+3? "], completions=["The answer is 4.", "6"])
     assert scored.total == [-5.0, -5.0]  # every raw RM score is below the 1e9 gate

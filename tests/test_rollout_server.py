@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from align.errors import AlignError
-from align.moe import SENTINEL, checkpoint_weights, moe_gates, routes_to_batch
+from align.moe import SENTINEL, moe_gates, routes_to_batch
+from align.weights import checkpoint_weights
 from rollout.base import Sample, SamplingParams
 from rollout.client import RemoteEngines, split_runs
 from rollout.hf import HFEngine

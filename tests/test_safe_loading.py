@@ -48,22 +48,22 @@ def remote_code_model(clean_model, tmp_path) -> Path:
 
 def _loaders(path: Path) -> dict:
     from align.recipe import load_recipe
-    from align.reward_model import load_reward_model
+    from align.reward_model import load_score_model
     from rewards.model import RewardModelScorer
     from rollout.hf import HFEngine
 
     def reward_stage():
         recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "tests" / "sft_tiny.yaml",
                              [f"model.path={path}", "model.tiny=null"], check_files=False)
-        return load_reward_model(recipe, recipe.stages[0], path, pad_id=0)
+        return load_score_model(recipe, path, pad_id=0)
 
     return {"align.models.load.load_causal_lm": lambda: load_causal_lm(path),
-            "align.reward_model.load_reward_model": reward_stage,
+            "align.reward_model.load_score_model": reward_stage,
             "rewards.model.RewardModelScorer": lambda: RewardModelScorer(path)._load(),
             "rollout.hf.HFEngine.from_pretrained": lambda: HFEngine.from_pretrained(path)}
 
 
-@pytest.mark.parametrize("loader", ["align.models.load.load_causal_lm", "align.reward_model.load_reward_model",
+@pytest.mark.parametrize("loader", ["align.models.load.load_causal_lm", "align.reward_model.load_score_model",
                                     "rewards.model.RewardModelScorer", "rollout.hf.HFEngine.from_pretrained"])
 def test_custom_modeling_code_is_never_imported(remote_code_model, loader):
     try:

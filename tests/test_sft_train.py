@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from align.sft import run
 from align.stage import StopFlag
-from align.train_utils import TrainingInterrupted
+from align.stage import TrainingInterrupted
 from sft_helpers import ROOT, losses, make_ctx, math_data, nano_model  # noqa: F401  (fixtures)
 
 
@@ -41,8 +41,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(nano_model, math_data, tmp_
     a, b = _weights(whole.final), _weights(resumed.final)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
-    assert resumed.summary["eval_loss_after"] == pytest.approx(whole.summary["eval_loss_after"], abs=1e-6)
-    assert whole.summary["eval_loss_after"] < whole.summary["eval_loss_before"]
+    assert resumed.summary["eval_loss (after)"] == pytest.approx(whole.summary["eval_loss (after)"], abs=1e-6)
+    assert whole.summary["eval_loss (after)"] < whole.summary["eval_loss (before)"]
 
 
 def test_batch_split_does_not_change_the_loss_curve(nano_model, math_data, tmp_path):
@@ -76,7 +76,7 @@ def test_unpacked_padded_batches_train(nano_model, math_data, tmp_path):
     result = run(make_ctx(tmp_path, nano_model, math_data, ["stages.0.packing=false", "stages.0.max_steps=3",
                                                             "stages.0.save_steps=null"]))
     s = result.summary
-    assert s["train_rows"] == 540 and s["eval_loss_after"] < s["eval_loss_before"]
+    assert s["train_rows"] == 540 and s["eval_loss (after)"] < s["eval_loss (before)"]
 
 
 @pytest.mark.slow
@@ -84,7 +84,7 @@ def test_training_halves_held_out_loss_on_math(nano_model, math_data, tmp_path):
     result = run(make_ctx(tmp_path, nano_model, math_data,
                           ["stages.0.max_steps=150", "stages.0.save_steps=null", "stages.0.logging_steps=10"]))
     s = result.summary
-    assert s["eval_loss_after"] < s["eval_loss_before"] / 2, s
+    assert s["eval_loss (after)"] < s["eval_loss (before)"] / 2, s
 
 
 @pytest.mark.slow
@@ -108,4 +108,4 @@ def test_moe_model_trains_with_router_balance_loss(math_data, tmp_path):
     model = build_tiny(tmp_path / "moe", "nano", arch="deepseek_v2", corpus_texts=2000)
     result = run(make_ctx(tmp_path / "run", model, math_data, ["stages.0.moe_aux_loss_coef=0.003",
                                                                "stages.0.max_steps=2", "stages.0.save_steps=null"]))
-    assert result.summary["eval_loss_after"] < result.summary["eval_loss_before"]
+    assert result.summary["eval_loss (after)"] < result.summary["eval_loss (before)"]

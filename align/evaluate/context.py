@@ -21,9 +21,9 @@ from align.evaluate.checkpoints import Checkpoint
 from rollout.base import Sample, SamplingParams
 
 if TYPE_CHECKING:
-    from align.grpo.trainer import PromptSet
+    from align.data.prompts import PromptSet
     from rewards.config import RewardSpec
-    from rewards.suite import ScoredBatch
+    from rewards.reward_set import ScoredBatch
 
 EngineKind = Literal["auto", "hf", "vllm"]
 
@@ -116,7 +116,7 @@ class EvalContext:
         """A prompts file tokenised as the GRPO trainer tokenises it (`load_prompts`), so a
         checkpoint is scored on exactly the token ids it was evaluated on during training."""
         from align.config import DataSource
-        from align.grpo.trainer import load_prompts
+        from align.data.prompts import load_prompts
 
         prompts = load_prompts([DataSource(path=str(source))], self.tokenizer(ckpt.path), self.options.max_prompt_len)
         n = len(prompts) if limit is None else min(limit, len(prompts))
@@ -134,14 +134,14 @@ class EvalContext:
 
     def score(self, specs: Sequence[RewardSpec], ckpt: Checkpoint, prompts: PromptSet,
               groups: list[list[Sample]], base_dir: Path | None = None) -> ScoredBatch:
-        """Score every sample with the reward registry's functions, through `RewardSuite` (the GRPO
+        """Score every sample with the reward registry's functions, through `RewardSet` (the GRPO
         trainer's path: same isolation, same fallbacks, same combination)."""
-        from align.grpo.trainer import as_completions, completion_texts
-        from rewards.suite import RewardSuite
+        from align.data.prompts import as_completions, completion_texts
+        from rewards.reward_set import RewardSet
 
         key = (tuple(s.model_dump_json() for s in specs), base_dir)
         if key not in self._scorers:
-            self._scorers[key] = RewardSuite(list(specs), base_dir=base_dir)
+            self._scorers[key] = RewardSet(list(specs), base_dir=base_dir)
         n = len(groups[0]) if groups else 1
         samples = [s for group in groups for s in group]
         repeated = [p for p in prompts.prompts for _ in range(n)]

@@ -1,15 +1,46 @@
-"""What a GRPO step reports about its data: rewards, completion lengths, truncation.
+"""What a GRPO step reports beyond the loss: phase times, completion lengths, truncation, and
+how micro-batch metrics combine into the step's.
 
 Loss-side metrics (clip fractions, KL, ratios) come back from `align.grpo.loss.policy_loss` and
-advantage-side ones (zero-std share) from `align.grpo.advantages`; these are the rest. Every value
-is a detached 0-d tensor (no host sync until the logger asks), under a namespaced key.
+advantage-side ones (zero-std share) from `align.grpo.advantages`. Metric values are detached
+0-d tensors (no host sync until the logger asks), under namespaced keys.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from contextlib import contextmanager
+
 import torch
 
-from align.grpo.advantages import nanstd
+
+class PhaseTimer:
+    """`with timer("rollout"):` adds the phase's wall time to `time/rollout` of this step."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"time/{phase}"] = self.times.get(f"time/{phase}", 0.0) + time.perf_counter() - start
+
+
+def merge_micro_metrics(into: dict[str, float], new: dict[str, torch.Tensor], parts: int) -> None:
+    """Combine one micro-batch's metrics into the step's: `*_min` / `*_max` keys by min / max,
+    the rest as the mean over `parts` micro-batches."""
+    for key, value in new.items():
+        v = float(value)
+        if key.endswith("_min"):
+            into[key] = min(into.get(key, math.inf), v)
+        elif key.endswith("_max"):
+            into[key] = max(into.get(key, -math.inf), v)
+        else:
+            into[key] = into.get(key, 0.0) + v / parts
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,25 +56,6 @@ def masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
         zero = x.new_zeros(())
         return zero, zero
     return picked.min(), picked.max()
-
-
-def reward_metrics(rewards: torch.Tensor,
-                   components: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Mean and std (unbiased, NaN-aware: NaN = not applicable) of the combined reward and each component.
-
-    Args:
-        rewards: `[N]` combined reward per completion.
-        components: name -> `[N]` reward of each reward function before weighting.
-    Returns:
-        `reward/mean`, `reward/std`, and `reward/<name>/mean`, `reward/<name>/std` per component.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, values in {"": rewards, **(components or {})}.items():
-        prefix = f"reward/{name}/" if name else "reward/"
-        values = values.detach().float()
-        out[prefix + "mean"] = torch.nanmean(values)
-        out[prefix + "std"] = nanstd(values) if values.numel() > 1 else values.new_zeros(())
-    return out
 
 
 def completion_metrics(completion_mask: torch.Tensor, truncated: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ token t is read from the logits one position earlier. `routes_to_batch` writes i
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from align.errors import AlignError
@@ -104,6 +106,11 @@ class RouteReplay(GateHooks):
 
     def mismatch(self) -> float:
         return float(self._differ / self._total) if self._total > 0 else 0.0
+
+
+def replaying(model: torch.nn.Module, routes: torch.Tensor | None):
+    """Routing replay around a forward (and backward) pass; nothing for dense or unreplayed runs."""
+    return RouteReplay(model, routes) if routes is not None else nullcontext()
 
 
 def routes_to_batch(prompt_lens: list[int], routes: list[torch.Tensor | None], p_len: int,

@@ -28,7 +28,7 @@ class ScoredBatch(Combined):
     errors: dict[str, str] = field(default_factory=dict)
 
 
-class RewardSuite:
+class RewardSet:
     """Scores batches with every component of a recipe; keeps running-normalisation state."""
 
     def __init__(self, specs: Sequence[RewardSpec], config: RewardsConfig | None = None, base_dir: Path | None = None):
