@@ -21,7 +21,7 @@ def _register_subapps() -> None:
     from align.data.cli import app as data_app
     from align.evaluate.cli import eval_command
     from align.models.cli import app as model_app
-    from align.recipe_cli import app as recipe_app
+    from align.recipe.cli import app as recipe_app
     from rewards.cli import app as rewards_app
     from rollout.cli import app as rollout_app
 
@@ -44,11 +44,11 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/).")
           dry_run: bool = typer.Option(False, "--dry-run",
                                        help="Resolve and print steps, tokens and memory; load no weights.")) -> None:
     """Run a recipe's stages in order; rerunning resumes where it stopped."""
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
 
     resolved = load_recipe(recipe, set_, check_files=not dry_run)
     if dry_run:
-        from align.plan import print_plan
+        from align.recipe.dry_run import print_plan
 
         print_plan(resolved)
         return

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from align.checkpoint import forget_latest, latest_checkpoint, write_text_atomic
-from align.config import Recipe, SynthSpec
+from align.recipe.schema import Recipe, SynthSpec
 from align.errors import AlignError
 from align.stage import StageContext, StageResult, StopFlag
 from align.stage import TrainingInterrupted
@@ -129,7 +129,7 @@ def run_pipeline(recipe: Recipe, only: str | None = None, start: str | None = No
                  console=None) -> dict[str, StageResult]:
     from rich.console import Console
 
-    from align.report import print_stage_summary, print_run_summary, plot_stage
+    from align.run_summary import print_stage_summary, print_run_summary, plot_stage
 
     console = console or Console()
     out = Path(recipe.output_dir)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from align.checkpoint import write_text_atomic
-from align.config import RewardModelStage
-from align.data.packing import epoch_order
+from align.recipe.schema import RewardModelStage
+from align.data.batching import epoch_order
 from align.errors import AlignError
 from align.loop import StageTrainer, run_stage
 from align.moe import moe_gates, router_stats

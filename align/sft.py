@@ -2,7 +2,7 @@
 
 One optimizer step, in order:
   1. take global batch `step` of the epoch order, a pure function of (seed, epoch)
-     (`align.data.packing.epoch_order`), so a resumed run skips straight to its position;
+     (`align.data.batching.epoch_order`), so a resumed run skips straight to its position;
   2. count the target tokens N of the whole global batch (all micro-batches, all ranks; every rank
      knows them from the cached dataset, so this needs no collective);
   3. per micro-batch: loss = Σ token cross-entropy × world_size / N, backward (DDP averages over
@@ -15,7 +15,7 @@ One optimizer step, in order:
 Checkpoints, evaluation, stop and resume are the shared stage loop's (`align.loop`).
 
 Recipe keys (SFTStage): data/eval_data/eval_split (sources and mixture: `align.data.mixture`),
-max_seq_len + overlong (truncate | drop, counted), packing (padding-free, `align.data.packing`),
+max_seq_len + overlong (truncate | drop, counted), packing (padding-free, `align.data.batching`),
 assistant_only_loss (`align.data.tokenize`), lr/warmup_ratio/scheduler/weight_decay, max_grad_norm,
 epochs/max_steps, per_device_batch_size × gradient_accumulation_steps, bf16 (auto: GPU only),
 gradient_checkpointing, lora (merged into final/ when merge_on_save), save_steps/keep_last,
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.data import packing
+from align.data import batching
 from align.data.cache import tokenized_source
 from align.data.mixture import mixture_indices, split_eval
 from align.errors import AlignError
@@ -87,17 +87,17 @@ def prepare_data(ctx: StageContext, tokenizer, accelerator) -> SFTData:
         else:
             eval_ds = full.select(eval_idx) if len(eval_idx) else None
         if stage.packing:
-            train = packing.pack(train, stage.max_seq_len)
-            eval_ds = packing.pack(eval_ds, stage.max_seq_len) if eval_ds is not None else None
+            train = batching.pack(train, stage.max_seq_len)
+            eval_ds = batching.pack(eval_ds, stage.max_seq_len) if eval_ds is not None else None
     lengths = None if stage.packing else np.asarray(train["length"])
-    return SFTData(train=train, eval=eval_ds, train_targets=packing.target_counts(train, stage.packing),
-                   eval_targets=packing.target_counts(eval_ds, stage.packing) if eval_ds is not None else None,
+    return SFTData(train=train, eval=eval_ds, train_targets=batching.target_counts(train, stage.packing),
+                   eval_targets=batching.target_counts(eval_ds, stage.packing) if eval_ds is not None else None,
                    lengths=lengths, stats=stats)
 
 
 def _collate(rows: dict, packed: bool, pad_id: int) -> dict[str, torch.Tensor]:
     as_list = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
-    return packing.collate_packed(as_list, pad_id) if packed else packing.collate_padded(as_list, pad_id)
+    return batching.collate_packed(as_list, pad_id) if packed else batching.collate_padded(as_list, pad_id)
 
 
 def _real_mask(batch: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
@@ -117,7 +117,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], aux_coef: float) -> tu
     extra = {"output_router_logits": True} if aux_coef > 0 else {}
     out = model(**batch, use_cache=False, **extra)
     logits = out.logits[:, :-1].flatten(0, 1).float()
-    ce = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=packing.IGNORE,
+    ce = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=batching.IGNORE,
                                            reduction="sum")
     return ce, (router_balance_loss(model, out) if aux_coef > 0 else None)
 
@@ -231,7 +231,7 @@ class SFTTrainer(StageTrainer):
     def train_step(self, step: int, log: bool) -> dict[str, float]:
         epoch, position = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = epoch, packing.epoch_order(len(self.data.train), self.global_batch, self.ctx.seed,
+            self._order = epoch, batching.epoch_order(len(self.data.train), self.global_batch, self.ctx.seed,
                                                      epoch, self.data.lengths)
         with router_stats(self.acc.unwrap_model(self.model), self.is_moe and log) as stats:
             loss_sum, n_targets, tokens = forward_backward(self.model, self.data, self._order[1][position],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.config import Recipe, Stage
+from align.recipe.schema import Recipe, Stage
 from align.errors import AlignError
 
 
@@ -28,6 +28,14 @@ class StageContext:
     @property
     def seed(self) -> int:
         return self.recipe.stage_seed(self.stage)
+
+    def reward_specs(self) -> list:
+        """The stage's reward components; one that names an earlier reward-model stage
+        (`model: helpful_rm`) points at that stage's final/ and keeps the name as its alias."""
+        names = {s.name for s in self.recipe.stages}
+        out = Path(self.recipe.output_dir)
+        return [s.model_copy(update={"model": str(out / s.model / "final"), "alias": s.alias or s.model})
+                if s.model in names else s for s in self.stage.rewards]
 
 
 @dataclass

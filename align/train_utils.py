@@ -1,5 +1,5 @@
 """Training-step pieces every align stage shares (SFT, reward model, GRPO): accelerator, model, optimizer,
-schedule, gradient step. Each takes a stage config (`align.config.StageBase`) so a recipe key means
+schedule, gradient step. Each takes a stage config (`align.recipe.schema.StageBase`) so a recipe key means
 the same thing in every stage.
 
 Why not accelerate's own gradient accumulation: align normalises a loss by the number of target

@@ -34,7 +34,7 @@ def diversity(prompts, completions, **kwargs):
 
 def bench_ours(root: Path, model: Path, prompts: Path, args) -> list[float]:
     from align.grpo.trainer import GRPOTrainer
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
     from align.stage import StageContext
 
     recipe_path = root / "ours.yaml"

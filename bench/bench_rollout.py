@@ -104,7 +104,7 @@ def colocated_grpo(model_dir: str, args) -> list[dict]:
     metrics.jsonl rows (the trainer times every phase and records every transfer)."""
     from rich.console import Console
 
-    from align.config import Recipe
+    from align.recipe.schema import Recipe
     from align.data.io import write_jsonl
     from align.data.synth import generate
     from align.pipeline import run_pipeline

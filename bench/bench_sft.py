@@ -100,7 +100,7 @@ def bench_training(rows: int, size: str, work: Path) -> dict:
 
 
 def _align_tokens_per_s(out: Path, model: Path, data: Path, packed: bool) -> float:
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
     from align.sft import run
     from align.stage import StageContext
 

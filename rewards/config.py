@@ -1,6 +1,6 @@
 """Recipe schema for rewards: one `RewardSpec` per component, one `RewardsConfig` for the set.
 
-Self-contained on purpose (imports nothing from align.config): the recipe schema embeds these.
+Self-contained on purpose (imports nothing from align.recipe.schema): the recipe schema embeds these.
 """
 
 from __future__ import annotations

@@ -8,20 +8,10 @@ through `text_of`, so they work in either kind of dataset.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 Completion = str | Sequence[dict[str, Any]]
 Reward = float | None
-
-# Keyword arguments GRPOTrainer adds next to the dataset columns (trl 1.16 `_calculate_rewards`).
-TRAINER_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
-
-
-class RewardFunction(Protocol):
-    """`fn(prompts, completions, **kwargs) -> list[float | None]`, one value per completion."""
-
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Completion], **kwargs: Any) -> list[Reward]: ...
-
 
 def text_of(item: Completion) -> str:
     """The text of a completion or prompt, whether a plain string or a list of chat messages.
@@ -46,8 +36,3 @@ def _content_text(content: Any) -> str:
 def is_conversational(prompt: Any) -> bool:
     """True for a chat prompt (a list of role/content messages), as TRL's `is_conversational`."""
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
-
-
-def function_name(fn: Any) -> str:
-    """The metric name of a reward: `__name__` (which TRL's factories set on their classes)."""
-    return getattr(fn, "__name__", None) or type(fn).__name__

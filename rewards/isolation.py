@@ -45,11 +45,9 @@ class FailureBudget:
     def __init__(self, max_rate: float, window: int | None, min_samples: int):
         self.max_rate, self.min_samples = max_rate, min_samples
         self._outcomes: deque[bool] = deque(maxlen=window)
-        self.total_failures = 0
 
     def record(self, failed: Sequence[bool]) -> None:
         self._outcomes.extend(failed)
-        self.total_failures += sum(failed)
 
     @property
     def rate(self) -> float:

@@ -1,6 +1,6 @@
 """Recipe schema for rollout: which engine generates, where it runs, how much memory it may take.
 
-Self-contained on purpose (imports nothing from align.config): the recipe schema embeds it.
+Self-contained on purpose (imports nothing from align.recipe.schema): the recipe schema embeds it.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def make_data(path: Path, kind: str = "math", n: int = 600, seed: int = 0) -> Pa
 
 
 def make_ctx(out: Path, model_dir: Path, data: Path, overrides: list[str] = (), resume_from: Path | None = None):
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
     from align.stage import StageContext
 
     sets = [f"output_dir={out}", f"model.path={model_dir}", "model.tiny=null", "synth=[]",

@@ -38,7 +38,7 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_
 
 
 def _load(tmp_path: Path, text: str, overrides: list[str] | None = None):
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
 
     path = tmp_path / "fuzz.yaml"
     path.write_text(text)

@@ -14,7 +14,7 @@ from align.data.synth import generate
 from align.errors import AlignError
 from align.models.tiny import build_tiny
 from align.pipeline import run_pipeline
-from align.recipe import load_recipe
+from align.recipe.load import load_recipe
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,8 +9,22 @@ import pytest
 import torch
 
 from align.errors import AlignError
-from align.moe.metrics import (RouterStats, coefficient_of_variation, expert_load,
-                               metrics_from_router_logits, route_mismatch, router_entropy)
+from align.moe.metrics import (RouterStats, coefficient_of_variation, expert_load, layer_metrics,
+                               route_mismatch, router_entropy, summarise)
+
+
+def metrics_from_router_logits(router_logits: tuple[torch.Tensor, ...], top_k: int,
+                               attention_mask: torch.Tensor | None = None,
+                               labels: list[int] | None = None) -> dict[str, float]:
+    """The oracle for `RouterStats`: metrics from a forward's `output_router_logits=True` result
+    (one [B*S, E] per MoE layer), choices re-derived as top-k of the logits (exact for the plain
+    top-k router of the nano DeepSeek-V2)."""
+    mask = None if attention_mask is None else attention_mask.reshape(-1)
+    per_layer: dict[str, float] = {}
+    for i, logits in enumerate(router_logits):
+        indices = logits.topk(top_k, dim=-1).indices
+        per_layer |= layer_metrics(labels[i] if labels else i, logits.detach(), indices, mask)
+    return summarise(per_layer)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +112,7 @@ def _layer_keys(row: dict) -> set[str]:
 
 def _run_stages(tmp_path, model_dir, stages: list[dict]) -> None:
     """A real pipeline run of `stages` on `model_dir` with small synthetic data."""
-    from align.config import Recipe
+    from align.recipe.schema import Recipe
     from align.data.io import write_jsonl
     from align.data.synth import generate
     from align.pipeline import run_pipeline
@@ -129,7 +143,7 @@ def moe_run(moe_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("stage, logged_steps", [("sft", [2, 3]), ("rm", [1, 2])])
 def test_moe_stage_logs_router_metrics_each_logged_step(moe_run, stage, logged_steps):
-    from align.report import panel_of
+    from align.run_summary import panel_of
     from align.tracking import read_metrics
 
     train_rows = [r for r in read_metrics(moe_run / stage) if "loss" in r]
@@ -159,7 +173,7 @@ def test_dense_sft_logs_no_router_metrics(model_dir, tmp_path):
 def test_packed_sft_batch_counts_only_real_tokens(moe_model):
     """A packed batch has no attention mask: the SFT collector must drop each row's padding fill,
     matching the router logits of the real tokens only."""
-    from align.data.packing import collate_packed
+    from align.data.batching import collate_packed
     from align.moe import RouterStats
     from align.sft import _real_mask
 
@@ -184,7 +198,7 @@ def test_packed_sft_batch_counts_only_real_tokens(moe_model):
     ("moe/layer7/load_max", "moe/shares"), ("moe/load_max", "moe/shares"), ("moe/replay_mismatch", "moe/shares"),
     ("loss", "loss"), ("rewards/total/mean", "rewards"), ("time/reward", "reward"), ("actor/kl", "kl")])
 def test_plot_panels(key, panel):
-    from align.report import panel_of
+    from align.run_summary import panel_of
 
     assert panel_of(key) == panel
 
@@ -203,7 +217,7 @@ def test_many_layer_moe_takes_three_panels_with_readable_legends():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from align.report import _draw, stage_panels
+    from align.run_summary import _draw, stage_panels
 
     panels = stage_panels(_many_layer_rows())
     assert list(panels) == ["loss", "lr", "moe/load_cv", "moe/router_entropy", "moe/shares"]
@@ -221,7 +235,7 @@ def test_many_layer_moe_takes_three_panels_with_readable_legends():
 
 
 def test_panel_limit_keeps_the_priority_families(tmp_path):
-    from align.report import MAX_PANELS, plot_stage, stage_panels
+    from align.run_summary import MAX_PANELS, plot_stage, stage_panels
     from align.tracking import MetricsLog
 
     rows = [{**row, **{f"extra{j}/x": float(j) for j in range(20)}} for row in _many_layer_rows(4)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from align.errors import AlignError
-from align.recipe import apply_override, load_recipe
+from align.recipe.load import apply_override, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)

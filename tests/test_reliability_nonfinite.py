@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_inf_gradients_are_skipped_counted_and_then_stop_the_run():
     from accelerate import Accelerator
 
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
 
     stage = load_recipe(ROOT / "recipes" / "tests" / "sft_tiny.yaml", check_files=False).stages[0]
     accelerator = Accelerator(cpu=True)

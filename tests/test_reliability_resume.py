@@ -1,9 +1,10 @@
-"""Exact resume and graceful stop of a real `align train` process, for SFT and for GRPO.
+"""Exact resume and graceful stop of a real `align train` process, for every stage kind (SFT,
+reward model with LoRA, GRPO).
 
 One chain per trainer, on CPU with the nano model, saving every step:
   1. the reference: the recipe run uninterrupted;
   2. the same command SIGKILLed at a seeded random step after a checkpoint exists;
-  3. rerun (it resumes from `latest`), then stopped by SIGTERM (GRPO) or SIGINT (SFT): it must save,
+  3. rerun (it resumes from `latest`), then stopped by SIGTERM (GRPO) or SIGINT (SFT, RM): it must save,
      exit 2 with a message saying how to resume and no traceback, manifest status "stopped";
   4. rerun to the end.
 The final weights and metrics.jsonl (wall-time keys aside) must equal the reference's.
@@ -43,7 +44,15 @@ def _grpo_recipe(out: Path, model: Path, data: Path) -> dict:
                         "sampling": {"max_new_tokens": 12}, "save_steps": 1}]}
 
 
+def _rm_recipe(out: Path, model: Path, data: Path) -> dict:
+    return {"name": "rm-resume", "output_dir": str(out), "seed": 0, "model": {"path": str(model)},
+            "stages": [{"name": "rm", "kind": "reward_model", "data": str(data), "eval_split": 0.2,
+                        "max_seq_len": 96, "lr": 3.0e-3, "lora": {"r": 4, "alpha": 8}, "max_steps": STEPS,
+                        "per_device_batch_size": 4, "save_steps": 1, "logging_steps": 1}]}
+
+
 TRAINERS = {"sft": ("sft", "math", _sft_recipe, signal.SIGINT),
+            "rm": ("rm", "prefs", _rm_recipe, signal.SIGINT),
             "grpo": ("rl", "prompts", _grpo_recipe, signal.SIGTERM)}
 
 
@@ -69,8 +78,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     write_jsonl(generate("math", 600, seed=0), root / "math.jsonl")
     write_jsonl(generate("math", 32, seed=4, form="prompts"), root / "prompts.jsonl")
+    write_jsonl(generate("preference", 80, seed=1), root / "prefs.jsonl")
     return {"model": build_tiny(root / "model", "nano"), "math": root / "math.jsonl",
-            "prompts": root / "prompts.jsonl"}
+            "prompts": root / "prompts.jsonl", "prefs": root / "prefs.jsonl"}
 
 
 @pytest.fixture(scope="module", params=sorted(TRAINERS))

@@ -68,7 +68,7 @@ def test_window_forgets_old_failures():
                             failure_window=4, failure_min_samples=4)
     for _ in range(5):
         reward(prompts=[""] * 2, completions=[""] * 2)
-    assert reward.budget.rate == 0.0 and reward.budget.total_failures == 2
+    assert reward.budget.rate == 0.0  # the two failures of the first call left the window
 
 
 def test_math_accuracy_in_worker_thread():

@@ -47,7 +47,7 @@ def remote_code_model(clean_model, tmp_path) -> Path:
 
 
 def _loaders(path: Path) -> dict:
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
     from align.reward_model import load_score_model
     from rewards.model import RewardModelScorer
     from rollout.hf import HFEngine
@@ -114,7 +114,7 @@ def test_a_malicious_pickle_is_not_executed_even_when_pickles_are_allowed(pickle
 
 
 def test_yaml_python_tags_are_refused_not_executed(tmp_path):
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
 
     marker = tmp_path / MARKER
     recipe = tmp_path / "evil.yaml"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.data import packing
+from align.data import batching
 from align.data.synth import generate
 from align.data.tokenize import TokenizeStats, tokenize_batch
 from sft_helpers import nano_model, tokenizer  # noqa: F401  (fixtures)
@@ -25,10 +25,10 @@ def test_packed_logits_equal_separate_forward_passes(nano_model, rows, attn):
     from align.models.load import load_causal_lm
 
     model = load_causal_lm(nano_model, attn_implementation=attn).eval()
-    packed = packing.pack(Dataset.from_list(rows), max_seq_len=256)
+    packed = batching.pack(Dataset.from_list(rows), max_seq_len=256)
     assert len(packed) < len(rows)  # conversations really share rows
     chosen = packed.to_list()[-3:]  # the last rows are the shortest: the batch has a padded tail
-    batch = packing.collate_packed(chosen, pad_id=0)
+    batch = batching.collate_packed(chosen, pad_id=0)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 3
     assert len({len(r["input_ids"]) for r in chosen}) > 1
     with torch.no_grad():
@@ -45,20 +45,20 @@ def test_packed_logits_equal_separate_forward_passes(nano_model, rows, attn):
 def test_packed_labels_and_target_counts(rows):
     from datasets import Dataset
 
-    packed = packing.pack(Dataset.from_list(rows), max_seq_len=256)
-    batch = packing.collate_packed(packed.to_list(), pad_id=0)
-    n_loss = int((batch["labels"][:, 1:] != packing.IGNORE).sum())  # labels[:, 0] are never predicted
-    assert n_loss == packing.target_counts(packed, packed=True).sum()
+    packed = batching.pack(Dataset.from_list(rows), max_seq_len=256)
+    batch = batching.collate_packed(packed.to_list(), pad_id=0)
+    n_loss = int((batch["labels"][:, 1:] != batching.IGNORE).sum())  # labels[:, 0] are never predicted
+    assert n_loss == batching.target_counts(packed, packed=True).sum()
     assert n_loss == sum(sum(r["assistant_mask"]) for r in rows)  # assistant-only: no first token masked
-    assert (batch["labels"][batch["position_ids"] == 0] == packing.IGNORE).all()
+    assert (batch["labels"][batch["position_ids"] == 0] == batching.IGNORE).all()
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    a = packing.epoch_order(103, 8, seed=1, epoch=0)
+    a = batching.epoch_order(103, 8, seed=1, epoch=0)
     assert a.shape == (12, 8) and len(set(a.flatten().tolist())) == 96
-    assert np.array_equal(a, packing.epoch_order(103, 8, seed=1, epoch=0))
-    assert not np.array_equal(a, packing.epoch_order(103, 8, seed=1, epoch=1))
+    assert np.array_equal(a, batching.epoch_order(103, 8, seed=1, epoch=0))
+    assert not np.array_equal(a, batching.epoch_order(103, 8, seed=1, epoch=1))
     lengths = np.random.default_rng(0).integers(1, 500, 103)
-    b = packing.epoch_order(103, 8, seed=1, epoch=0, lengths=lengths)
+    b = batching.epoch_order(103, 8, seed=1, epoch=0, lengths=lengths)
     spread = np.ptp(lengths[b], axis=1).mean()
     assert spread < np.ptp(lengths[a], axis=1).mean() / 2  # bucketing groups similar lengths

@@ -43,14 +43,6 @@ class TokenizeStats:
     tokens: int = 0
     target_tokens: int = 0
 
-    def merge(self, other: "TokenizeStats") -> None:
-        self.seen += other.seen
-        self.kept += other.kept
-        self.truncated += other.truncated
-        self.dropped.update(other.dropped)
-        self.tokens += other.tokens
-        self.target_tokens += other.target_tokens
-
     def as_dict(self) -> dict:
         return {"seen": self.seen, "kept": self.kept, "truncated": self.truncated,
                 "dropped": dict(self.dropped), "tokens": self.tokens, "target_tokens": self.target_tokens}

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.config import Recipe
+from align.recipe.schema import Recipe
 from align.errors import AlignError
 
 

@@ -115,7 +115,7 @@ class EvalContext:
     def prompts(self, ckpt: Checkpoint, source: Path, limit: int | None) -> PromptSet:
         """A prompts file tokenised as the GRPO trainer tokenises it (`load_prompts`), so a
         checkpoint is scored on exactly the token ids it was evaluated on during training."""
-        from align.config import DataSource
+        from align.recipe.schema import DataSource
         from align.data.prompts import load_prompts
 
         prompts = load_prompts([DataSource(path=str(source))], self.tokenizer(ckpt.path), self.options.max_prompt_len)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from align.errors import AlignError
 from rollout.base import Sample
 
 
@@ -38,3 +39,23 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], pad_id: int,
         completion_mask[truncated] = 0
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion_mask,
             "rollout_logp": rollout_logp, "truncated": truncated}
+
+
+def micro_batch_size(stage, world: int) -> int:
+    """Rows per forward pass: `per_device_batch_size`, capped at the samples a rank trains on per
+    step (so one recipe runs on 1 or N processes), after checking that whole groups stay on one
+    rank and that every micro-batch weighs the same."""
+    if stage.gradient_accumulation_steps != 1:
+        raise AlignError(f"stages.{stage.name}.gradient_accumulation_steps: GRPO accumulates over the "
+                         "whole generated batch already; set per_device_batch_size (rows per forward "
+                         "pass) instead and leave gradient_accumulation_steps at 1")
+    if stage.prompts_per_step % world:
+        raise AlignError(f"stages.{stage.name}.prompts_per_step={stage.prompts_per_step} must be a "
+                         f"multiple of the number of processes ({world}), so whole groups stay on one rank")
+    local_samples = stage.prompts_per_step // world * stage.group_size
+    micro = min(stage.per_device_batch_size, local_samples)
+    if local_samples % micro:
+        raise AlignError(f"stages.{stage.name}.per_device_batch_size={stage.per_device_batch_size} must "
+                         f"divide the {local_samples} samples each process trains on per step "
+                         "(prompts_per_step / processes × group_size), so every micro-batch weighs the same")
+    return micro

@@ -25,16 +25,15 @@ supervision).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from align.config import GRPOStage
+from align.recipe.schema import GRPOStage
 from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices
 from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
-from align.grpo.batch import build_batch
+from align.grpo.batch import build_batch, micro_batch_size
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.loss import policy_loss
 from align.grpo.metrics import PhaseTimer, completion_metrics, merge_micro_metrics
@@ -59,7 +58,7 @@ class GRPOTrainer(StageTrainer):
         self.ctx, self.stage, self.acc, self.guard = ctx, ctx.stage, accelerator, guard
         stage: GRPOStage = self.stage
         recipe, self.world = ctx.recipe, accelerator.num_processes
-        self.micro = _micro_batch(stage, self.world)
+        self.micro = micro_batch_size(stage, self.world)
         self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
         self.ref = None
@@ -78,7 +77,7 @@ class GRPOTrainer(StageTrainer):
         self.policy = accelerator.unwrap_model(self.model)
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
-        self.rewards = RewardSet(_reward_specs(ctx), stage.reward_isolation)
+        self.rewards = RewardSet(ctx.reward_specs(), stage.reward_isolation)
         self.is_moe = bool(moe_gates(self.policy))
         if stage.routing_replay:
             ensure_replay_supported(stage.rollout.engine, stage.rollout.mode)
@@ -235,32 +234,6 @@ class GRPOTrainer(StageTrainer):
     def summary(self) -> dict[str, Any]:
         return {"samples": self.total_steps * self.stage.prompts_per_step * self.stage.group_size,
                 "prompts_truncated": self.prompts.truncated}
-
-
-def _micro_batch(stage: GRPOStage, world: int) -> int:
-    """Rows per forward pass: at most per_device_batch_size, so a recipe runs on 1 or N processes."""
-    if stage.gradient_accumulation_steps != 1:
-        raise AlignError(f"stages.{stage.name}.gradient_accumulation_steps: GRPO accumulates over the "
-                         "whole generated batch already; set per_device_batch_size (rows per forward "
-                         "pass) instead and leave gradient_accumulation_steps at 1")
-    if stage.prompts_per_step % world:
-        raise AlignError(f"stages.{stage.name}.prompts_per_step={stage.prompts_per_step} must be a "
-                         f"multiple of the number of processes ({world}), so whole groups stay on one rank")
-    local_samples = stage.prompts_per_step // world * stage.group_size
-    micro = min(stage.per_device_batch_size, local_samples)
-    if local_samples % micro:
-        raise AlignError(f"stages.{stage.name}.per_device_batch_size={stage.per_device_batch_size} must "
-                         f"divide the {local_samples} samples each process trains on per step "
-                         "(prompts_per_step / processes × group_size), so every micro-batch weighs the same")
-    return micro
-
-
-def _reward_specs(ctx: StageContext):
-    """Reward-model components may name an earlier stage (`model: helpful_rm`): use its final/."""
-    names = {s.name for s in ctx.recipe.stages}
-    out = Path(ctx.recipe.output_dir)
-    return [s.model_copy(update={"model": str(out / s.model / "final"), "alias": s.alias or s.model})
-            if s.model in names else s for s in ctx.stage.rewards]
 
 
 def run(ctx: StageContext) -> StageResult:

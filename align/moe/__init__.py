@@ -1,10 +1,10 @@
 """Mixture-of-experts support: router metrics and Rollout Routing Replay."""
 
 from align.moe.gates import moe_gates
-from align.moe.metrics import RouterStats, metrics_from_router_logits, route_mismatch, router_stats
+from align.moe.metrics import RouterStats, route_mismatch, router_stats
 from align.moe.replay import (SENTINEL, RouteRecorder, RouteReplay, ensure_replay_supported, replaying,
                               routes_to_batch)
 
 __all__ = ["SENTINEL", "RouteRecorder", "RouteReplay", "RouterStats", "ensure_replay_supported",
-           "metrics_from_router_logits", "moe_gates", "replaying", "route_mismatch", "router_stats",
+           "moe_gates", "replaying", "route_mismatch", "router_stats",
            "routes_to_batch"]

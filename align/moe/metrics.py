@@ -78,20 +78,6 @@ def summarise(per_layer: dict[str, float]) -> dict[str, float]:
             "moe/load_max": max(top), "moe/router_entropy_mean": sum(ent) / len(ent)}
 
 
-def metrics_from_router_logits(router_logits: tuple[torch.Tensor, ...], top_k: int,
-                               attention_mask: torch.Tensor | None = None,
-                               labels: list[int] | None = None) -> dict[str, float]:
-    """Metrics from a forward's `output_router_logits=True` result (one [B*S, E] per MoE layer).
-    Choices are re-derived as top-k of the logits: exact for plain top-k routers (DeepSeek-V2
-    "greedy", Qwen-MoE, Mixtral), not for group-limited routing; prefer `RouterStats` there."""
-    mask = None if attention_mask is None else attention_mask.reshape(-1)
-    per_layer: dict[str, float] = {}
-    for i, logits in enumerate(router_logits):
-        indices = logits.topk(top_k, dim=-1).indices
-        per_layer |= layer_metrics(labels[i] if labels else i, logits.detach(), indices, mask)
-    return summarise(per_layer)
-
-
 class RouterStats(GateHooks):
     """`with RouterStats(model) as stats: model(...)` then `stats.metrics()`.
 

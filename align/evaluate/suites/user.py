@@ -45,7 +45,7 @@ class UserSuiteSpec(BaseModel):
 
 def load_spec(path: Path) -> UserSuiteSpec:
     """Read and validate a suite file; errors name the file, line and key (as for recipes)."""
-    from align.recipe import read_yaml_mapping, validate
+    from align.recipe.load import read_yaml_mapping, validate
 
     data, text = read_yaml_mapping(path, "suite", "a YAML mapping with `prompts:` and `rewards:` keys")
     return validate(UserSuiteSpec, data, path, text, "suite")

@@ -19,7 +19,7 @@ def check(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     from rich.console import Console
     from rich.syntax import Syntax
 
-    from align.recipe import load_recipe
+    from align.recipe.load import load_recipe
 
     resolved = load_recipe(recipe, set_)
     console = Console()

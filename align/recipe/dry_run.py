@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from align.config import GRPOStage, Recipe, RewardModelStage, SFTStage
+from align.recipe.schema import GRPOStage, Recipe, RewardModelStage, SFTStage
 from align.errors import AlignError
 
 GIB = 1024**3

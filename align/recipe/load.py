@@ -14,7 +14,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from align.config import Recipe
+from align.recipe.schema import Recipe
 from align.errors import AlignError
 
 

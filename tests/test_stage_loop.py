@@ -1,0 +1,107 @@
+"""The shared stage loop (align/loop.py): one set of rules for SFT, reward-model and GRPO stages.
+
+Each test runs every stage kind on the nano model, in process, through the kind's real `run`:
+  - every stage writes tensorboard events when the recipe asks for them (SFT used not to);
+  - a stop requested during the last step finishes the stage (final/ written) instead of
+    interrupting it (the reward-model and GRPO stages used to raise);
+  - a stop, then a resume from the checkpoint it wrote, gives the uninterrupted run's weights
+    and its summary: the "before" evaluation, the first step's metric (a resumed reward-model
+    run used to lose both) — including a LoRA reward model, whose resume used to start a fresh
+    adapter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.data.io import write_jsonl
+from align.data.synth import generate
+from align.pipeline import RUNNERS
+from align.recipe.load import load_recipe
+from align.stage import StageContext, StopFlag, TrainingInterrupted
+
+STAGES = {
+    "sft": lambda d: {"kind": "sft", "data": str(d / "math.jsonl"), "eval_split": 0.1, "max_seq_len": 128,
+                      "lr": 3e-3, "per_device_batch_size": 4, "gradient_accumulation_steps": 2},
+    "reward_model": lambda d: {"kind": "reward_model", "data": str(d / "prefs.jsonl"), "eval_split": 0.2,
+                               "max_seq_len": 96, "lr": 3e-3, "per_device_batch_size": 4},
+    "reward_model_lora": lambda d: {"kind": "reward_model", "data": str(d / "prefs.jsonl"), "eval_split": 0.2,
+                                    "max_seq_len": 96, "lr": 3e-3, "per_device_batch_size": 4,
+                                    "lora": {"r": 4, "alpha": 8}},
+    "grpo": lambda d: {"kind": "grpo", "prompts": str(d / "prompts.jsonl"), "eval_prompts": str(d / "eval.jsonl"),
+                       "rewards": [{"name": "math_accuracy"}, {"name": "format", "normalize": "running"}],
+                       "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4, "num_iterations": 2,
+                       "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 10}},
+}
+KINDS = ["sft", "reward_model", "grpo"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loop-data")
+    write_jsonl(generate("math", 200, seed=0), root / "math.jsonl")
+    write_jsonl(generate("preference", 80, seed=1), root / "prefs.jsonl")
+    write_jsonl(generate("math", 16, seed=4, form="prompts"), root / "prompts.jsonl")
+    write_jsonl(generate("math", 4, seed=104, form="prompts"), root / "eval.jsonl")
+    return root
+
+
+def context(out: Path, model: Path, data: Path, kind: str, report_to=("none",), resume_from=None,
+            **stage) -> StageContext:
+    body = {"name": "s", **STAGES[kind](data), **stage}
+    path = out / "recipe.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"output_dir": str(out), "seed": 3, "model": {"path": str(model)},
+                                "logging": {"report_to": list(report_to)}, "stages": [body]}))
+    recipe = load_recipe(path)
+    return StageContext(recipe=recipe, stage=recipe.stages[0], stage_dir=out / "s", init_model=model,
+                        resume_from=resume_from)
+
+
+def run(ctx: StageContext):
+    return importlib.import_module(RUNNERS[ctx.stage.kind]).run(ctx)
+
+
+def stopping(ctx: StageContext) -> StageContext:
+    ctx.stop = StopFlag()
+    ctx.stop.requested = True  # as if SIGTERM arrived during the first step
+    return ctx
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_stage_kind_writes_tensorboard(kind, model_dir, data, tmp_path):
+    run(context(tmp_path, model_dir, data, kind, report_to=["tensorboard"], max_steps=1))
+    assert list((tmp_path / "s").rglob("events.out.tfevents.*")), f"{kind}: no tensorboard events"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stop_at_the_last_step_finishes_the_stage(kind, model_dir, data, tmp_path):
+    result = run(stopping(context(tmp_path / "last", model_dir, data, kind, max_steps=1)))
+    assert (result.final / "config.json").exists() and result.summary["steps"] == 1
+    with pytest.raises(TrainingInterrupted) as stopped:  # before the last step it does interrupt
+        run(stopping(context(tmp_path / "early", model_dir, data, kind, max_steps=2)))
+    assert stopped.value.step == 1 and (stopped.value.checkpoint / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo"])
+def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp_path):
+    whole = run(context(tmp_path / "whole", model_dir, data, kind, max_steps=3))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run(stopping(context(tmp_path / "cut", model_dir, data, kind, max_steps=3)))
+    resumed = run(context(tmp_path / "cut", model_dir, data, kind, max_steps=3,
+                          resume_from=stopped.value.checkpoint))
+    a, b = load_file(whole.final / "model.safetensors"), load_file(resumed.final / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=f"{kind}: {name} differs")
+    before = {k: v for k, v in whole.summary.items() if k.endswith("(before)") or k.endswith("(first step)")}
+    assert before and all(v is not None for v in before.values()), whole.summary
+    for key, value in before.items():
+        assert resumed.summary[key] == pytest.approx(value, abs=1e-6), key
+    assert resumed.summary["steps"] == 3
