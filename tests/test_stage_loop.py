@@ -7,7 +7,7 @@ Each test runs every stage kind on the nano model, in process, through the kind'
   - a stop, then a resume from the checkpoint it wrote, gives the uninterrupted run's weights
     and its summary: the "before" evaluation, the first step's metric (a resumed reward-model
     run used to lose both) — including a LoRA reward model, whose resume used to start a fresh
-    adapter.
+    adapter, and GRPO with dynamic sampling, whose extra rounds are a function of the step.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ STAGES = {
                        "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4, "num_iterations": 2,
                        "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 10}},
 }
+STAGES["grpo_dynamic"] = lambda d: {**STAGES["grpo"](d), "dynamic_sampling": {"max_rounds": 3}}
 KINDS = ["sft", "reward_model", "grpo"]
 
 
@@ -89,7 +90,7 @@ def test_a_stop_at_the_last_step_finishes_the_stage(kind, model_dir, data, tmp_p
     assert stopped.value.step == 1 and (stopped.value.checkpoint / "trainer_state.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo"])
+@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo", "grpo_dynamic"])
 def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp_path):
     whole = run(context(tmp_path / "whole", model_dir, data, kind, max_steps=3))
     with pytest.raises(TrainingInterrupted) as stopped:

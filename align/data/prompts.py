@@ -75,13 +75,15 @@ def as_completions(prompts: list[Any], texts: list[str]) -> list[Any]:
             for p, t in zip(prompts, texts, strict=True)]
 
 
-def step_prompt_indices(seed: int, step: int, per_step: int, n: int, rank: int = 0, world: int = 1) -> list[int]:
+def step_prompt_indices(seed: int, step: int, per_step: int, n: int, rank: int = 0, world: int = 1,
+                        stream: int = 0) -> list[int]:
     """Rank `rank`'s prompt indices for `step`: a seeded permutation per epoch, walked in order,
     so the data position is a pure function of (seed, step) and a resume needs no iterator state.
-    Each rank takes a contiguous `per_step / world` share, so whole groups stay on one rank."""
+    Each rank takes a contiguous `per_step / world` share, so whole groups stay on one rank.
+    `stream` > 0 walks another seeded order (the extra rounds of dynamic sampling)."""
     local = per_step // world
     start = step * per_step + rank * local
-    return [_epoch_order(seed, epoch, n)[offset]
+    return [_epoch_order(seed + stream * 7_777_777, epoch, n)[offset]
             for epoch, offset in (divmod(pos, n) for pos in range(start, start + local))]
 
 

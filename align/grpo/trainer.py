@@ -3,8 +3,8 @@ stage loop (`align.loop`, which owns resume, logging, checkpoints, stop and `fin
 
 One step, each phase timed into the metrics (`time/<phase>`):
   1. rollout    — `prompts_per_step` prompts (split evenly over ranks, whole groups per rank),
-                  G = `group_size` samples each from the rollout engine (per-sample seeds);
-                  with `offload`, the trainer's state leaves the device meanwhile.
+                  G = `group_size` samples each from the rollout engine (per-sample seeds;
+                  trainer state offloaded meanwhile; `dynamic_sampling` keeps groups with spread).
   2. reward     — every reward component through `rewards.RewardSet` (isolated, combined).
   3. advantage  — A = (r − group mean) / group std over the *global* batch's groups (no critic).
   4. logprobs   — π_old only when it differs from the current policy (μ > 1, or truncated IS);
@@ -15,11 +15,7 @@ One step, each phase timed into the metrics (`time/<phase>`):
                   `loss_type`, normalised over the whole step so micro-batching never changes it.
   6. sync       — new weights into the engine (a no-op for the colocated HF engine, which shares
                   the policy's tensors; vLLM reloads in place).
-
-Departures from the paper, on purpose: the KL term sits in the loss (as in DeepSeekMath) but
-beta = 0 is allowed and then no reference model is loaded; DAPO's asymmetric clip
-(`epsilon_high`) and Dr. GRPO/DAPO aggregations are options; outcome rewards only (no process
-supervision).
+Departures from the paper (beta = 0 loads no reference, DAPO / Dr. GRPO options): docs/grpo.md.
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ from align.data.prompts import PromptSet, as_completions, completion_texts, load
 from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
 from align.grpo.batch import build_batch, micro_batch_size
+from align.grpo.dynamic_sampling import Rollout, fill_batch
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.loss import policy_loss
 from align.grpo.metrics import PhaseTimer, completion_metrics, merge_micro_metrics
@@ -90,13 +87,13 @@ class GRPOTrainer(StageTrainer):
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
 
-    def sampling(self, step: int, greedy: bool = False) -> SamplingParams:
+    def sampling(self, step: int, greedy: bool = False, round_: int = 0) -> SamplingParams:
         s = self.stage.sampling
         # Distinct per step; offset by this rank's first sample, so the seed of a sample depends
         # on its global position only (with one prompt per generate call the samples are then
         # the same whatever the number of ranks). Engines add the per-sample offset.
         first_sample = self.acc.process_index * (self.stage.prompts_per_step // self.world) * self.stage.group_size
-        seed = (self.ctx.seed * 1_000_003 + step * 7919 + first_sample) % (2**31)
+        seed = (self.ctx.seed * 1_000_003 + step * 7919 + round_ * 104_729 + first_sample) % (2**31)
         return SamplingParams(temperature=0.0 if greedy else s.temperature, top_p=s.top_p, top_k=s.top_k,
                               max_new_tokens=s.max_new_tokens, stop=tuple(s.stop), seed=seed, logprobs=True)
 
@@ -114,13 +111,26 @@ class GRPOTrainer(StageTrainer):
                                   trainer_state={"global_step": step}, **rows.columns)
         return samples, rows, scored
 
+    def rollout(self, step: int, timer: PhaseTimer) -> Rollout:
+        """This rank's samples for `step`; with dynamic sampling, only groups whose rewards differ."""
+        stage = self.stage
+
+        def generate(round_: int):
+            idx = step_prompt_indices(self.ctx.seed, step, stage.prompts_per_step, len(self.prompts),
+                                      self.acc.process_index, self.world, stream=round_)
+            return self.generate_and_score(self.prompts.take(idx), self.sampling(step, round_=round_), step, timer)
+
+        if (ds := stage.dynamic_sampling) is None:
+            samples, rows, scored = generate(0)
+            return Rollout(samples, rows, scored.total, scored.metrics, {})
+        return fill_batch(generate, stage.prompts_per_step // self.world, stage.group_size, ds.max_rounds, ds.min_std)
+
     def train_step(self, step: int, log: bool) -> dict[str, float]:
         stage, acc, timer, micro = self.stage, self.acc, PhaseTimer(), self.micro
-        idx = step_prompt_indices(self.ctx.seed, step, stage.prompts_per_step, len(self.prompts),
-                                  acc.process_index, self.world)
-        samples, rows, scored = self.generate_and_score(self.prompts.take(idx), self.sampling(step), step, timer)
+        batch = self.rollout(step, timer)
+        samples, rows = batch.samples, batch.rows
         with timer("advantage"):
-            local = torch.tensor([math.nan if r is None else float(r) for r in scored.total])
+            local = torch.tensor([math.nan if r is None else float(r) for r in batch.totals])
             rewards = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order preserved
             adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(rewards, group_size=stage.group_size)
             advantages = adv_all[acc.process_index * len(local):(acc.process_index + 1) * len(local)]
@@ -152,7 +162,7 @@ class GRPOTrainer(StageTrainer):
                                                       self.guard, step)
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
             self.engine.update_weights([] if self.shares_policy else policy_weights(self.policy))
-        metrics.update({k: float(v) for k, v in {**adv_metrics, **scored.metrics}.items()})
+        metrics.update({k: float(v) for k, v in {**adv_metrics, **batch.reward_metrics, **batch.metrics}.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
         metrics.update({"reward": float(torch.nanmean(rewards)), "lr": self.scheduler.get_last_lr()[0],
                         "skipped_steps": self.guard.skipped, **timer.times})
@@ -184,9 +194,8 @@ class GRPOTrainer(StageTrainer):
             m = {**m, "moe/replay_mismatch": torch.tensor(replay.mismatch())}
         merge_micro_metrics(metrics, m, n_chunks * stage.num_iterations)
 
-    def _temp(self) -> float:
-        t = self.stage.sampling.temperature
-        return t if t > 0 else 1.0
+    def _temp(self) -> float:  # logprobs at the sampling temperature; greedy rollouts score at 1
+        return self.stage.sampling.temperature or 1.0
 
     @torch.no_grad()
     def _logprobs(self, model, gated, tensors, t_len: int, routes: torch.Tensor | None) -> torch.Tensor:

@@ -144,6 +144,16 @@ class SamplingConfig(Strict):
     stop: list[str] = []
 
 
+class DynamicSamplingConfig(Strict):
+    """DAPO's dynamic sampling (align/grpo/dynamic_sampling.py)."""
+
+    max_rounds: int = Field(3, ge=1, description=(
+        "Generation rounds per step at most, the first included (DAPO's max_num_gen_batches); a batch "
+        "still short of groups with reward spread after them is topped up with zero-spread groups."))
+    min_std: float = Field(0.0, ge=0, description=(
+        "A group is kept when the std of its G rewards is above this (0: any difference at all)."))
+
+
 class GRPOStage(StageBase):
     """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, no critic.
 
@@ -175,6 +185,9 @@ class GRPOStage(StageBase):
     rollout: RolloutConfig = RolloutConfig()
     offload: bool = Field(False, description="Offload trainer state to CPU while the engine generates.")
     routing_replay: bool = False
+    dynamic_sampling: DynamicSamplingConfig | None = Field(None, description=(
+        "Drop groups whose rewards do not differ (advantage 0) and sample more prompts to refill the "
+        "batch (DAPO); null: off, every group is trained (DeepSeekMath, TRL's default)."))
     reward_isolation: RewardsConfig = RewardsConfig()
 
     _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
