@@ -39,7 +39,7 @@ def recipe(tmp_path: Path, inputs, report_to=("none",), **stage) -> Path:
             "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 12}, "save_steps": 1, **stage}
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "model": {"path": str(model)},
-                                "logging": {"report_to": list(report_to), "plots": True}, "stages": [body]}))
+                                "logging": {"report_to": list(report_to)}, "stages": [body]}))
     return path
 
 
