@@ -3,7 +3,8 @@
 A recipe is YAML (read with `yaml.safe_load`) validated strictly before any model is loaded:
 unknown keys are rejected with a "did you mean" and the YAML path and line; wrong types name the
 value and the expected type; missing files name the path. `align recipe check RECIPE` prints the
-resolved recipe. Reward and rollout sections are owned by their packages (`rewards.config`,
+resolved recipe, `--explain` adds each key's `description=`, and `align recipe keys` prints them
+without a recipe (tests/test_config_docs.py fails on a key without one). Reward and rollout sections are owned by their packages (`rewards.config`,
 `rollout.config`) and only composed here.
 """
 
@@ -59,7 +60,7 @@ class SynthSpec(Strict):
                     "requests; preference: chosen/rejected answer pairs.")
     n: int = Field(gt=0, description="Rows to generate.")
     seed: int = Field(0, description="Generator seed: the same spec always gives the same rows.")
-    out: str = Field(description="JSONL file written; rewritten only when this spec changes (manifest.json).")
+    out: str = Field(description="JSONL file written; rewritten when missing or when this spec changes (manifest.json).")
     form: Literal["conversations", "prompts", "preferences"] | None = Field(
         None, description="conversations (`messages` rows, for SFT), prompts (`prompt` rows ending in a user "
                           "turn, for GRPO) or preferences (kind preference only); null = the kind's first form.")
