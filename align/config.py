@@ -4,8 +4,8 @@ A recipe is YAML (read with `yaml.safe_load`) validated strictly before any mode
 unknown keys are rejected with a "did you mean" and the YAML path and line; wrong types name the
 value and the expected type; missing files name the path. `align recipe check RECIPE` prints the
 resolved recipe, `--explain` adds each key's `description=`, and `align recipe keys` prints them
-without a recipe (tests/test_config_docs.py fails on a key without one). Reward and rollout sections are owned by their packages (`rewards.config`,
-`rollout.config`) and only composed here.
+without a recipe (tests/test_config_docs.py fails on a key without one). Reward and rollout
+sections are owned by their packages (`rewards.config`, `rollout.config`) and only composed here.
 """
 
 from __future__ import annotations
