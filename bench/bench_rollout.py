@@ -114,7 +114,7 @@ def colocated_grpo(model_dir: str, args) -> list[dict]:
     write_jsonl(generate("math", args.prompts * args.steps, seed=3, form="prompts"), out / "prompts.jsonl")
     recipe = Recipe.model_validate({
         "name": "bench-colocate", "output_dir": str(out / "run"), "model": {"path": str(model_dir)},
-        "logging": {"report_to": ["none"], "plots": False},
+        "logging": {"report_to": ["none"]},
         "stages": [{"name": "rl", "kind": "grpo", "prompts": str(out / "prompts.jsonl"),
                     "rewards": [{"name": "math_accuracy"}, {"name": "format", "weight": 0.1}],
                     "group_size": args.group, "prompts_per_step": args.prompts, "per_device_batch_size": 64,

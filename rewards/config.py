@@ -16,11 +16,11 @@ class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="Built-in name, `package.module:function` or `path/file.py:function`.")
-    model: str | None = Field(None, description="Directory of a sequence-classification reward model (safetensors).")
+    model: str | None = Field(None, description="Directory of a sequence-classification reward model (safetensors), or the name of a reward_model stage of the recipe (its final/).")
     alias: str | None = Field(None, description="Metric key; defaults to the function's name or the model directory's.")
-    weight: float = Field(1.0, description="Weight in the combined reward.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of a parametrised reward's factory.")
-    timeout_s: float | None = Field(None, gt=0, description="Stop waiting for one batch call after this many seconds.")
+    weight: float = Field(1.0, description="w_k in the combined reward Σ w_k·r_k over the components that apply, rescaled to the full weight mass Σ|w_k| when some do not.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of a parametrised reward's factory; for a `model`: device, batch_size, max_length, calibrate.")
+    timeout_s: float | None = Field(None, gt=0, description="Stop waiting for one batch call after this many seconds (its samples get `fallback`); null = wait.")
     fallback: float = Field(0.0, description="Reward given to samples whose call failed, timed out or was non-finite.")
     normalize: Literal["none", "batch", "running"] = Field(
         "none", description="Per-component z-score: over the batch, or with running mean/std kept across steps.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def recipe(tmp_path: Path, inputs, report_to=("none",), **stage) -> Path:
             "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 12}, "save_steps": 1, **stage}
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "model": {"path": str(model)},
-                                "logging": {"report_to": list(report_to), "plots": True}, "stages": [body]}))
+                                "logging": {"report_to": list(report_to)}, "stages": [body]}))
     return path
 
 
@@ -59,6 +60,9 @@ def test_grpo_stage_trains_logs_and_checkpoints(tmp_path, inputs):
     for key in ("reward", "actor/kl", "actor/clip_frac_low", "advantage/zero_std_frac",
                 "completions/length_mean", "time/rollout", "time/update", "grad_norm"):
         assert key in steps[0], key
+    # step 1 scores the policy against its own frozen copy (μ = 1, no update yet): KL exactly 0;
+    # step 2 follows an optimizer step, so the policy has moved away from the reference
+    assert steps[0]["actor/kl"] == 0.0 and steps[1]["actor/kl"] > 0
     assert any("eval/math_accuracy" in r for r in rows)
     stage_dir = tmp_path / "run/rl"
     assert (stage_dir / "latest").read_text().strip() == "checkpoint-1"
@@ -84,7 +88,10 @@ def test_off_policy_iterations_with_is_correction_and_lora_reference(tmp_path, i
     results = run_pipeline(load_recipe(path))
     rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "loss" in r)
-    assert "rollout_is/weight_mean" in step and step["actor/kl"] >= 0
+    assert "rollout_is/weight_mean" in step
+    # iteration 1 runs on the reference itself (a fresh LoRA adapter adds exactly 0): KL 0; iteration 2
+    # follows one small update, so the step's mean KL is positive and small
+    assert 0 < step["actor/kl"] < 1e-2
     # the engine's logprobs and the trainer's agree closely on the same weights (HF both sides)
     assert step["rollout_is/logp_diff_max"] < 1e-3
     from transformers import AutoModelForCausalLM
@@ -149,11 +156,14 @@ def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs, moe_
     results = run_pipeline(load_recipe(path))
     rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
+    experts = json.loads((moe / "config.json").read_text())["n_routed_experts"]
     for r in steps:
-        assert 0 <= r["moe/load_cv_mean"] and r["moe/router_entropy_mean"] > 0
-        assert 0 <= r["moe/replay_mismatch"] <= 1
-    # step 1 trains on the weights that generated: the live routers agree with the recorded ones
-    assert steps[0]["moe/replay_mismatch"] < 0.1
+        # an untrained router: near-uniform softmax (entropy just under log E nats), uneven top-k load
+        assert math.log(experts) - 0.1 < r["moe/router_entropy_mean"] <= math.log(experts)
+        assert r["moe/load_cv_mean"] > 0.1
+        # μ = 1 and the colocated engine generates with the policy itself: every step trains on the
+        # weights that generated, so the live routers agree with the recorded ones
+        assert r["moe/replay_mismatch"] < 0.1
     before, after = weights(moe), weights(results["rl"].final)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

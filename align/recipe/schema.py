@@ -3,8 +3,9 @@
 A recipe is YAML (read with `yaml.safe_load`) validated strictly before any model is loaded:
 unknown keys are rejected with a "did you mean" and the YAML path and line; wrong types name the
 value and the expected type; missing files name the path. `align recipe check RECIPE` prints the
-resolved recipe. Reward and rollout sections are owned by their packages (`rewards.config`,
-`rollout.config`) and only composed here.
+resolved recipe, `--explain` adds each key's `description=`, and `align recipe keys` prints them
+without a recipe (tests/test_config_docs.py fails on a key without one). Reward and rollout
+sections are owned by their packages (`rewards.config`, `rollout.config`) and only composed here.
 """
 
 from __future__ import annotations
@@ -28,14 +29,21 @@ class Strict(BaseModel):
 class TinyModelSpec(Strict):
     """Build the tiny offline model into `model.path` when it does not exist yet."""
 
-    size: Literal["nano", "tiny", "small", "medium"] = "tiny"
-    arch: Literal["qwen2", "deepseek_v2"] = "qwen2"
-    seed: int = 0
+    size: Literal["nano", "tiny", "small", "medium"] = Field(
+        "tiny", description="nano (~0.2M parameters, unit tests), tiny (~1.1M, quickstart), small (~5M) or "
+                            "medium (~32M, benchmarks): random weights and a BPE tokenizer trained offline.")
+    arch: Literal["qwen2", "deepseek_v2"] = Field(
+        "qwen2", description="qwen2 (dense) or deepseek_v2 (MoE: routed + shared experts and MLA attention, "
+                             "transformers' DeepseekV2ForCausalLM).")
+    seed: int = Field(0, description="Seed of the tokenizer corpus and the weights: same seed, same bytes.")
 
 
 class ModelConfig(Strict):
-    path: str = Field(description="Hugging Face model directory (local; no hub access at run time).")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    path: str = Field(description="Hugging Face model directory (local; no hub access at run time). "
+                                  "Stages with `init: model` start from it.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="dtype every stage loads its weights in (policy, reference, reward model); "
+                               "`auto` keeps the checkpoint's own. Mixed precision is each stage's `bf16`.")
     trust_remote_code: bool = Field(False, description="Run the model's own Python code. Off by default.")
     allow_pickle_weights: bool = Field(
         False, description="Accept .bin/.pt weights (loaded with weights_only). safetensors otherwise.")
@@ -47,22 +55,32 @@ class ModelConfig(Strict):
 class SynthSpec(Strict):
     """A synthetic data file the pipeline generates before the stages run (`align data synth`)."""
 
-    kind: Literal["math", "chat", "preference"]
-    n: int = Field(gt=0)
-    seed: int = 0
-    out: str
-    form: Literal["conversations", "prompts", "preferences"] | None = None
-    safety_share: float = Field(0.2, ge=0, le=1)
+    kind: Literal["math", "chat", "preference"] = Field(
+        description="math: a ± b word problems (with an `answer` column); chat: helpfulness and safety "
+                    "requests; preference: chosen/rejected answer pairs.")
+    n: int = Field(gt=0, description="Rows to generate.")
+    seed: int = Field(0, description="Generator seed: the same spec always gives the same rows.")
+    out: str = Field(description="JSONL file written; rewritten when missing or when this spec changes (manifest.json).")
+    form: Literal["conversations", "prompts", "preferences"] | None = Field(
+        None, description="conversations (`messages` rows, for SFT), prompts (`prompt` rows ending in a user "
+                          "turn, for GRPO) or preferences (kind preference only); null = the kind's first form.")
+    safety_share: float = Field(0.2, ge=0, le=1, description="chat and preference: expected share of rows in "
+                                                              "category `safety` (harmful requests).")
     max_operand: int = Field(49, ge=1, description="Math: largest operand of the easy a ± b problems.")
 
 
 class DataSource(Strict):
     """One data file in a mixture. `weight` sets its share; `count` takes exactly that many rows."""
 
-    path: str
-    name: str | None = None
-    weight: float | None = Field(None, gt=0)
-    count: int | None = Field(None, gt=0)
+    path: str = Field(description="Data file: JSONL, Parquet or a `datasets` directory.")
+    name: str | None = Field(None, description="SFT: label of the source in the data statistics of the stage "
+                                               "summary and in errors; default: the path.")
+    weight: float | None = Field(None, gt=0, description="SFT `data` only: the weighted sources share the rows "
+                                                         "they hold together in proportion to their weights "
+                                                         "(seeded up- or down-sampling).")
+    count: int | None = Field(None, gt=0, description="SFT `data` only: take exactly this many rows (a seeded "
+                                                      "sample, or whole copies plus a sample when larger than "
+                                                      "the file). DeepSeek-V2: 1.2M helpfulness + 0.3M safety.")
 
     @model_validator(mode="after")
     def _one_of(self) -> "DataSource":
@@ -81,67 +99,123 @@ def _sources(value: Any) -> Any:
 
 
 class LoraConfig(Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = 32
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    merge_on_save: bool = Field(True, description="final/ holds merged weights (loads anywhere).")
+    r: int = Field(16, gt=0, description="Rank of the LoRA update (peft `r`, default 8).")
+    alpha: int = Field(32, description="The update is scaled by alpha / r (peft `lora_alpha`, default 8).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input (peft `lora_dropout`).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or `all-linear`: every linear layer but the output "
+                                  "head (peft).")
+    merge_on_save: bool = Field(True, description="final/ holds merged weights (loads anywhere); false: final/ "
+                                                  "holds the adapter only.")
 
 
 class StageBase(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    init: str = Field("model", description="`model`, the name of an earlier stage, or a model directory.")
-    seed: int | None = Field(None, description="Defaults to the recipe's seed.")
-    lr: float = Field(5e-6, gt=0, description="Peak learning rate (DeepSeek-V2 SFT: 5e-6).")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set.")
-    per_device_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    bf16: bool | Literal["auto"] = "auto"
-    gradient_checkpointing: bool = False
-    lora: LoraConfig | None = None
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description=(
+        "Stage name (letters, digits, `_.-`): its directory under output_dir, the name `--only`, `--from`, "
+        "`--set stages.NAME.key=...`, later stages' `init` and a reward's `model` refer to."))
+    init: str = Field("model", description="Weights the stage starts from: `model`, the name of an earlier "
+                                           "stage (its final/), or a model directory.")
+    seed: int | None = Field(None, description="Seed of the stage's data order, initialisation (LoRA, score "
+                                               "head) and sampling; defaults to the recipe's seed.")
+    lr: float = Field(5e-6, gt=0, description="Peak AdamW learning rate, reached after warmup (DeepSeek-V2 SFT: "
+                                              "5e-6; DeepSeekMath GRPO: 1e-6).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the matrices; biases and norm "
+                                                       "weights get none (as transformers' Trainer; default 0).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the stage's steps (rounded up) over which "
+                                                             "the learning rate rises linearly from 0 to `lr`.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Learning rate after warmup: constant, linear decay to 0 (transformers' default) "
+                              "or cosine decay to 0, over the stage's steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient L2 norm to this before "
+                                                               "each optimizer step (TRL default 1.0); null: "
+                                                               "measure only. Steps with a non-finite norm are "
+                                                               "skipped; 5 in a row stop the stage.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data, may be fractional (DeepSeek-V2 "
+                                                 "SFT: 2). An epoch is rows // global batch steps; for GRPO "
+                                                 "len(prompts) // prompts_per_step steps.")
+    max_steps: int | None = Field(None, gt=0, description="Steps to run; overrides epochs when set. For GRPO a "
+                                                          "step is one generated batch (num_iterations "
+                                                          "optimizer steps).")
+    per_device_batch_size: int = Field(8, gt=0, description=(
+        "Rows per device per forward pass: SFT conversations (packed rows with packing), reward_model "
+        "preference pairs, GRPO completions (at most this many; it must divide the completions each process "
+        "trains on per step)."))
+    gradient_accumulation_steps: int = Field(1, gt=0, description=(
+        "Micro-batches per optimizer step (global batch = per_device_batch_size × processes × this); the loss "
+        "is normalised over the whole global batch. GRPO requires 1: it accumulates over the generated batch."))
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast (accelerate mixed precision); `auto`: on with a CUDA GPU that "
+                            "supports bf16, off on CPU (slower there). Weights stay in model.dtype.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations during backward instead of "
+                                                            "storing them: less memory, one more forward pass.")
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of every weight; null: full "
+                                                      "fine-tuning.")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (not at the last step, where "
+                                                           "final/ follows); null: only final/, and a checkpoint "
+                                                           "on a stop.")
     eval_steps: int | None = Field(None, gt=0, description=(
         "Held-out evaluation every N optimizer steps, besides the ones before and after training "
         "(which always run); null: before and after only."))
     keep_last: int = Field(2, gt=0, description="Checkpoints kept besides final/.")
-    logging_steps: int = Field(1, gt=0)
+    logging_steps: int = Field(1, gt=0, description="Log metrics every N steps and at the last; SFT's loss is "
+                                                    "the mean over those steps, other stages log the last one.")
 
 
 class SFTStage(StageBase):
-    kind: Literal["sft"]
-    data: Annotated[list[DataSource], Field(min_length=1)]
-    eval_data: list[DataSource] = []
-    eval_split: float = Field(0.0, ge=0, lt=1, description="Held-out share when eval_data is empty.")
-    max_seq_len: int = Field(1024, gt=8)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    packing: bool = True
-    assistant_only_loss: bool = True
-    moe_aux_loss_coef: float = Field(0.0, ge=0, description="Expert balance loss (DeepSeek-V2: 0.003).")
+    kind: Literal["sft"] = Field(description="`sft`: supervised fine-tuning, next-token loss on conversations.")
+    data: Annotated[list[DataSource], Field(min_length=1)] = Field(description=(
+        "Training conversations (`messages` rows): a path, a list of paths, or sources with weight/count "
+        "for a mixture."))
+    eval_data: list[DataSource] = Field([], description="Held-out conversations for eval_loss (before "
+                                                        "training, every save_steps, after); read whole.")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Held-out share of `data` when eval_data is empty "
+                                                           "(at least one row when > 0).")
+    max_seq_len: int = Field(1024, gt=8, description="Tokens per conversation, and per packed row (TRL "
+                                                     "max_length, default 1024).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="A conversation over max_seq_len keeps its first max_seq_len tokens, or is "
+                                "dropped; both are counted in the stage summary.")
+    packing: bool = Field(True, description=(
+        "Pack conversations into rows of max_seq_len tokens (TRL's best-fit decreasing) with positions "
+        "restarting per conversation, so none attends to another; false: right-pad, length-bucketed batches. "
+        "TRL default false."))
+    assistant_only_loss: bool = Field(True, description="Loss on assistant tokens only (TRL "
+                                                        "`assistant_only_loss`, default false); false: on every "
+                                                        "token of the conversation.")
+    moe_aux_loss_coef: float = Field(0.0, ge=0, description=(
+        "Weight of the MoE router's load-balancing loss added to the SFT loss (the model's own, else "
+        "Switch/Mixtral E·Σ f_i·P_i over layers); 0 = off. DeepSeek-V2's expert-level balance factor: 0.003."))
 
     _coerce_data = field_validator("data", "eval_data", mode="before")(_sources)
 
 
 class RewardModelStage(StageBase):
-    kind: Literal["reward_model"]
-    data: Annotated[list[DataSource], Field(min_length=1)]
-    eval_split: float = Field(0.1, ge=0, lt=1)
-    max_seq_len: int = Field(512, gt=8)
-    center_rewards_coefficient: float | None = None
+    kind: Literal["reward_model"] = Field(description="`reward_model`: a scalar score head trained on preference "
+                                                      "pairs with the Bradley–Terry loss.")
+    data: Annotated[list[DataSource], Field(min_length=1)] = Field(description=(
+        "Preference pairs (`prompt`, `chosen`, `rejected` rows): a path or a list of paths, every row used."))
+    eval_split: float = Field(0.1, ge=0, lt=1, description=(
+        "Held-out share of the pairs: eval_accuracy and eval_margin before and after training, and the score "
+        "centre and spread written to final/reward_calibration.json (not written when 0)."))
+    max_seq_len: int = Field(512, gt=8, description="Tokens per side (prompt + answer, chat template); longer "
+                                                    "sides lose prompt tokens from the left.")
+    center_rewards_coefficient: float | None = Field(None, description=(
+        "Adds coef · mean((r_chosen + r_rejected)²) to the loss, keeping scores centred at 0 (TRL's key, "
+        "default None; TRL recommends 0.01, after Eisenstein et al. 2023); null or 0 = off."))
 
     _coerce_data = field_validator("data", mode="before")(_sources)
 
 
 class SamplingConfig(Strict):
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(256, gt=0)
-    stop: list[str] = []
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of the rollouts; the trainer's "
+                                                      "log-probs use the same one (TRL default 1.0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to "
+                                                      "this probability mass; 1 = off (TRL default).")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 = off (TRL default).")
+    max_new_tokens: int = Field(256, gt=0, description=(
+        "Completion length limit in tokens (TRL max_completion_length, default 512; DeepSeekMath: 1024); also "
+        "dr_grpo's normaliser. A completion cut here is truncated (see mask_truncated)."))
+    stop: list[str] = Field([], description="Strings that end a completion, besides EOS.")
 
 
 class DynamicSamplingConfig(Strict):
@@ -161,34 +235,75 @@ class GRPOStage(StageBase):
     per step (`prompts_per_step` × `group_size`), one policy update per batch (num_iterations 1).
     """
 
-    kind: Literal["grpo"]
-    prompts: Annotated[list[DataSource], Field(min_length=1)]
-    eval_prompts: list[DataSource] = []
+    kind: Literal["grpo"] = Field(description="`grpo`: online RL with group-relative advantages and no critic "
+                                              "(DeepSeekMath's GRPO).")
+    prompts: Annotated[list[DataSource], Field(min_length=1)] = Field(description=(
+        "Training prompts (`prompt` rows: a string or messages ending in a user turn; other columns such as "
+        "`answer` reach the rewards): a path or a list of paths, read whole, in a seeded order per epoch."))
+    eval_prompts: list[DataSource] = Field([], description=(
+        "Held-out prompts answered greedily and scored by the same rewards before and after training "
+        "(`eval/<reward>`, also per `category` column); the first `eval_max_prompts` are used."))
     eval_max_prompts: int = Field(256, gt=0, description=(
         "Held-out prompts scored (greedy, by the training rewards) before and after the stage: the "
         "first N of eval_prompts."))
-    rewards: Annotated[list[RewardSpec], Field(min_length=1)]
-    group_size: int = Field(8, ge=2)
-    prompts_per_step: int = Field(8, gt=0)
-    num_iterations: int = Field(1, gt=0, description="μ: policy updates per generated batch.")
-    beta: float = Field(0.04, ge=0, description="KL coefficient; 0 loads no reference model.")
-    epsilon_low: float = Field(0.2, gt=0)
-    epsilon_high: float = Field(0.2, gt=0)
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    importance_sampling_cap: float | None = Field(
-        None, gt=0, description="Truncated IS correction for engine-vs-trainer logprob mismatch.")
-    mask_truncated: bool = False
-    reference: Literal["frozen_copy", "lora_disabled"] = "frozen_copy"
-    max_prompt_len: int = Field(512, gt=0)
-    sampling: SamplingConfig = SamplingConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    offload: bool = Field(False, description="Offload trainer state to CPU while the engine generates.")
-    routing_replay: bool = False
+    rewards: Annotated[list[RewardSpec], Field(min_length=1)] = Field(description=(
+        "Reward components, combined into one scalar per completion: weighted sum, then safety gates "
+        "(DeepSeek-V2's preference stage: r = c1·R_helpful + c2·R_safety + c3·R_rule)."))
+    group_size: int = Field(8, ge=2, description="G: completions sampled per prompt; each one's advantage is "
+                                                 "relative to its group (TRL num_generations, default 8; "
+                                                 "DeepSeekMath: 64).")
+    prompts_per_step: int = Field(8, gt=0, description=(
+        "Prompts per step over all processes (a multiple of their number); a step trains on prompts_per_step × "
+        "group_size completions (DeepSeekMath: 1024 samples per step, e.g. 16 × 64)."))
+    num_iterations: int = Field(1, gt=0, description=(
+        "μ: optimizer steps over each generated batch (TRL num_iterations, default 1; DeepSeekMath: 1). With "
+        "μ > 1, π_old is computed once per batch and the ratio π_θ/π_old is clipped."))
+    beta: float = Field(0.04, ge=0, description=(
+        "β: weight of the per-token KL(π_θ ‖ π_ref) penalty in the loss, k3 estimator (DeepSeekMath: 0.04; "
+        "TRL default 0); 0 loads no reference model."))
+    epsilon_low: float = Field(0.2, gt=0, description=(
+        "ε_low: the ratio π_θ/π_old is clipped below at 1 − ε_low (PPO/DeepSeekMath 0.2; TRL `epsilon`, default "
+        "0.2). Bites only when π_θ can move away from π_old (num_iterations > 1): with μ = 1 the ratio is 1."))
+    epsilon_high: float = Field(0.2, gt=0, description=(
+        "ε_high: the ratio is clipped above at 1 + ε_high (TRL default: = epsilon; DAPO's clip-higher: 0.28)."))
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description=(
+        "How per-token losses become the step loss. `grpo`: mean over completions of each completion's token "
+        "mean (DeepSeekMath); length-biased: a long wrong answer is penalised less per token. `bnpo`: token "
+        "mean over each micro-batch, so it varies with per_device_batch_size. `dr_grpo`: token sum / "
+        "(completions × sampling.max_new_tokens), Dr. GRPO's constant normaliser. `dapo`: token sum / "
+        "completion tokens of the whole step (all micro-batches and processes), DAPO's token-level mean, "
+        "TRL's default. Each equals TRL 1.16's loss of that name (tests/test_grpo_vs_trl.py)."))
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description=(
+        "Advantage A = (r − group mean) / scale: `group` = the group's std (DeepSeekMath, TRL default); "
+        "`batch` = the std over the whole step's rewards (Lite PPO); `none` = no division (Dr. GRPO: std "
+        "scaling over-weights too easy and too hard questions). A group whose rewards are all equal gets A = 0."))
+    importance_sampling_cap: float | None = Field(None, gt=0, description=(
+        "C of truncated importance sampling: each token's loss is weighted by min(π_old / π_rollout, C), "
+        "correcting for the rollout engine's log-probs differing from the trainer's (Yao et al. 2025; TRL "
+        "vllm_importance_sampling_clip_max, default 3); costs one forward pass for π_old. null = off."))
+    mask_truncated: bool = Field(False, description=(
+        "Leave completions cut at sampling.max_new_tokens out of the loss; their rewards still enter their "
+        "group's advantages (TRL mask_truncated_completions, default false; recommended by DAPO)."))
+    reference: Literal["frozen_copy", "lora_disabled"] = Field("frozen_copy", description=(
+        "π_ref of the KL term: `frozen_copy` = a frozen copy of the stage's init weights on every device; "
+        "`lora_disabled` = the policy with its adapter switched off (needs `lora`, no extra memory). Unused "
+        "when beta = 0."))
+    max_prompt_len: int = Field(512, gt=0, description="Prompt tokens kept (the last ones, after the chat "
+                                                       "template); cut prompts are counted in the summary.")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="How rollouts are sampled.")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="Which engine generates the rollouts, and where.")
+    offload: bool = Field(False, description=(
+        "Move the trainer's weights, gradients and optimizer state (and a frozen reference) to CPU while the "
+        "engine generates; needs an engine that does not share the policy (vllm, or mode: server)."))
+    routing_replay: bool = Field(False, description=(
+        "MoE only: the trainer's routers use the experts each completion token was routed to during rollout "
+        "(Rollout Routing Replay, docs/moe.md), combine weights from the live router. Needs the HF engine, "
+        "colocated or behind `align rollout serve --engine hf`."))
     dynamic_sampling: DynamicSamplingConfig | None = Field(None, description=(
         "Drop groups whose rewards do not differ (advantage 0) and sample more prompts to refill the "
         "batch (DAPO); null: off, every group is trained (DeepSeekMath, TRL's default)."))
-    reward_isolation: RewardsConfig = RewardsConfig()
+    reward_isolation: RewardsConfig = Field(RewardsConfig(), description="How many reward-function failures a "
+                                                                          "run tolerates before it stops.")
 
     _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
 
@@ -204,8 +319,9 @@ Stage = Annotated[Union[SFTStage, RewardModelStage, GRPOStage], Field(discrimina
 
 
 class LoggingConfig(Strict):
-    report_to: list[Literal["tensorboard", "wandb", "none"]] = ["tensorboard"]
-    plots: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(["tensorboard"], description=(
+        "Trackers that receive every logged step besides `<stage>/metrics.jsonl` (always written): "
+        "tensorboard (events under the stage directory), wandb (needs wandb installed), none."))
 
 
 class EvaluateConfig(Strict):
@@ -213,27 +329,38 @@ class EvaluateConfig(Strict):
     RUN_DIR` with these settings): each policy stage's final checkpoint on the same suites, so SFT
     and both RL stages, and the alignment tax between them, sit in one table (`<output_dir>/eval/`)."""
 
-    suites: Annotated[list[str], Field(min_length=1)] = ["math", "safety"]
+    suites: Annotated[list[str], Field(min_length=1)] = Field(["math", "safety"], description=(
+        "Suites to run: math, code, safety, reward, loss, or a user suite YAML file (docs/evaluation.md)."))
     stages: list[str] = Field([], description="Policy stages to compare, in order; empty = all of them.")
     judge: str | None = Field(None, description="reward_model stage (or model dir) for the `reward` suite.")
     prompts: dict[str, str] = Field({}, description="suite -> prompts file; default: held-out synthetic.")
-    limit: int | None = Field(None, gt=0, description="Prompts per suite.")
-    engine: Literal["auto", "hf", "vllm"] = "hf"
-    k: list[Annotated[int, Field(ge=1)]] = Field([], description="pass@k for math/code; [] = greedy only.")
-    temperature: float = Field(0.8, ge=0)
-    max_new_tokens: int = Field(256, gt=0)
-    max_prompt_len: int = Field(512, gt=0)
+    limit: int | None = Field(None, gt=0, description="Prompts per suite; null: the suite's default (100 "
+                                                      "held-out synthetic rows) or the whole prompts file.")
+    engine: Literal["auto", "hf", "vllm"] = Field("hf", description="Generation engine: hf (transformers), vllm, "
+                                                                    "or auto (vllm when installed, else hf).")
+    k: list[Annotated[int, Field(ge=1)]] = Field([], description="pass@k for math/code, from max(k) samples per "
+                                                                 "prompt at `temperature`; [] = greedy only.")
+    temperature: float = Field(0.8, ge=0, description="Temperature of the pass@k samples (used only when k is "
+                                                      "set); greedy metrics use 0.")
+    max_new_tokens: int = Field(256, gt=0, description="Completion length limit in tokens, every suite.")
+    max_prompt_len: int = Field(512, gt=0, description="Prompt tokens kept (the last ones), as GRPO's "
+                                                       "max_prompt_len cuts them.")
 
 
 class Recipe(Strict):
-    name: str = "run"
-    output_dir: str = "runs/run"
-    seed: int = 0
-    model: ModelConfig
-    synth: list[SynthSpec] = []
-    stages: Annotated[list[Stage], Field(min_length=1)]
-    logging: LoggingConfig = LoggingConfig()
-    evaluate: EvaluateConfig | None = None
+    name: str = Field("run", description="Run name, recorded in manifest.json and shown by `--dry-run`.")
+    output_dir: str = Field("runs/run", description=(
+        "Run directory: manifest.json, a directory per stage (checkpoints, final/, metrics), caches and "
+        "eval/. Rerunning the recipe resumes from it."))
+    seed: int = Field(0, description="Seed of every stage that sets none.")
+    model: ModelConfig = Field(description="The base model.")
+    synth: list[SynthSpec] = Field([], description="Synthetic data files written before the stages run.")
+    stages: Annotated[list[Stage], Field(min_length=1)] = Field(description=(
+        "Stages, run in order; `kind` (sft, reward_model, grpo) selects each one's keys. DeepSeek-V2: sft, "
+        "reward models, grpo for reasoning, grpo for preferences."))
+    logging: LoggingConfig = Field(LoggingConfig(), description="Where metrics go.")
+    evaluate: EvaluateConfig | None = Field(None, description="Side-by-side evaluation of the policy stages once "
+                                                              "the run is done; null: none.")
 
     @model_validator(mode="after")
     def _stage_graph(self) -> "Recipe":
