@@ -143,5 +143,6 @@ class IsolatedReward:
         if self.budget.exceeded():
             raise AlignError(
                 f"reward `{self.name}` failed on {self.budget.rate:.0%} of recent samples, more than "
-                f"rewards.max_failure_rate={self.budget.max_rate:g}; fix the function or raise the limit. "
+                f"max_failure_rate={self.budget.max_rate:g}; fix the function or raise "
+                f"stages.<stage>.reward_isolation.max_failure_rate. "
                 f"First failure:\n{self.first_error}")

@@ -63,13 +63,12 @@ class GRPOTrainer(StageTrainer):
             self.ref = load_causal_lm(ctx.init_model, dtype=recipe.model.dtype,
                                       trust_remote_code=recipe.model.trust_remote_code,
                                       allow_pickle=recipe.model.allow_pickle_weights).eval()
-            self.ref.requires_grad_(False)
-            self.ref.to(accelerator.device)
+            self.ref.requires_grad_(False).to(accelerator.device)
         self.prompts = load_prompts(stage.prompts, self.tokenizer, stage.max_prompt_len)
         optimizer = build_optimizer(model, stage)
         self.total_steps = stage.max_steps or max(1, math.ceil(
             stage.epochs * max(1, len(self.prompts) // stage.prompts_per_step)))
-        self.scheduler = build_scheduler(optimizer, stage, self.total_steps)
+        self.scheduler = build_scheduler(optimizer, stage, self.total_steps * stage.num_iterations)  # μ per step
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.policy = accelerator.unwrap_model(self.model)
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
@@ -205,8 +204,9 @@ class GRPOTrainer(StageTrainer):
                                        temperature=self._temp(), micro_batch_size=self.micro, with_entropy=False)[0]
 
     def _ref_logprobs(self, tensors, t_len: int, routes: torch.Tensor | None) -> torch.Tensor:
-        if self.ref is not None:
-            return self._logprobs(self.ref, self.ref, tensors, t_len, routes)
+        if self.ref is not None:  # never `prepare`d, so mixed precision is applied here, as for the policy
+            with self.acc.autocast():
+                return self._logprobs(self.ref, self.ref, tensors, t_len, routes)
         with self.policy.disable_adapter():  # reference = the LoRA policy's base weights
             return self._logprobs(self.model, self.policy, tensors, t_len, routes)
 

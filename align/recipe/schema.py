@@ -312,6 +312,9 @@ class GRPOStage(StageBase):
         if self.reference == "lora_disabled" and self.lora is None and self.beta > 0:
             raise ValueError("reference: lora_disabled needs a `lora` section; "
                              "set reference: frozen_copy or add lora: {r: 16}")
+        if self.sampling.temperature == 0:
+            raise ValueError("sampling.temperature: 0 makes every sample of a group the same greedy answer, "
+                             "so no group has an advantage; sample at a temperature > 0 (DeepSeekMath: 1.0)")
         return self
 
 
