@@ -13,12 +13,10 @@ Read by rewards.sandbox and passed with `-c`; never imported. By mode:
 * "rlimits": rlimits, the seccomp filter and an audit hook on sockets, in the given work dir.
 """
 
-import ctypes
-import json
+import marshal
 import os
 import resource
 import sys
-import traceback
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
@@ -29,29 +27,22 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 WORKDIR = "/tmp/work"
 
 
-class MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+def native():
+    """ctypes and libc, imported only where needed: every import here is paid by every run's start
+    (why the config comes marshalled, not as JSON, and traceback is imported only on an error)."""
+    import ctypes
 
-
-class CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-libc = ctypes.CDLL(None, use_errno=True)
+    return ctypes, ctypes.CDLL(None, use_errno=True)
 
 
 def check(ret, what):
     if ret != 0:
+        ctypes, _ = native()
         sys.stderr.write(f"sandbox setup failed: {what}: {os.strerror(ctypes.get_errno())}\n")
         os._exit(125)
 
 
-def mount(source, target, fstype, flags, options, what):
+def mount(libc, source, target, fstype, flags, options, what):
     check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
                      options and options.encode()), what)
 
@@ -65,12 +56,16 @@ def set_limits(cfg):
 
 
 def load_filter(cfg):
-    """The seccomp BPF that rewards.sandbox compiled with libseccomp (hex); also sets no_new_privs."""
+    """The seccomp BPF that rewards.sandbox compiled with libseccomp; also sets no_new_privs."""
+    ctypes, libc = native()
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     if cfg["seccomp"]:
-        bpf = bytes.fromhex(cfg["seccomp"])
-        buf = ctypes.create_string_buffer(bpf, len(bpf))
-        prog = SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+        buf = ctypes.create_string_buffer(cfg["seccomp"], len(cfg["seccomp"]))
+        prog = SockFprog(len(cfg["seccomp"]) // 8, ctypes.addressof(buf))
         check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp filter")
 
 
@@ -88,11 +83,13 @@ def run_code(source, cfg):
     except SystemExit:
         raise
     except BaseException as exc:  # report as plain `python` would, without this boot script's frames
+        import traceback
+
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
         sys.exit(1)
 
 
-def build_root(cfg, root):
+def build_root(libc, cfg, root):
     """A read-only tree at `root` of the allowed host dirs, a minimal /dev and an empty work dir.
     Sources are opened before the staging tmpfs covers `root` (it may hide some of them)."""
     binds = {f"/{n}": f"/{n}" for n in cfg["root_dirs"] if os.path.isdir(f"/{n}") and not os.path.islink(f"/{n}")}
@@ -100,10 +97,10 @@ def build_root(cfg, root):
     binds.update({f"/dev/{d}": f"/dev/{d}" for d in DEVICES})
     held = {dest: os.open(src, os.O_PATH) for dest, src in binds.items()}
     links = {f"/{n}": os.readlink(f"/{n}") for n in cfg["root_dirs"] if os.path.islink(f"/{n}")}
-    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755", "tmpfs root")
+    mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755", "tmpfs root")
     for path in ("/dev", "/proc", WORKDIR):
         os.makedirs(root + path)
-    mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755", "tmpfs /dev")
+    mount(libc, "tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755", "tmpfs /dev")
     links.update({"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
                   "/dev/stderr": "/proc/self/fd/2"})
     for dest, target in links.items():
@@ -113,15 +110,17 @@ def build_root(cfg, root):
             os.makedirs(root + dest, exist_ok=True)
         else:
             open(root + dest, "w").close()
-        mount(f"/proc/self/fd/{fd}", root + dest, None, MS_BIND | MS_REC, None, f"bind {dest}")
+        mount(libc, f"/proc/self/fd/{fd}", root + dest, None, MS_BIND | MS_REC, None, f"bind {dest}")
         os.close(fd)
-    attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, root.encode(), AT_RECURSIVE, ctypes.byref(attr),
-                       ctypes.sizeof(attr)), "read-only root (mount_setattr needs Linux >= 5.12)")
-    mount("tmpfs", root + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_mb']}m,mode=0755", "work dir")
+    ctypes, _ = native()
+    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)  # struct mount_attr
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, root.encode(), AT_RECURSIVE, attr, ctypes.sizeof(attr)),
+          "read-only root (mount_setattr needs Linux >= 5.12)")
+    mount(libc, "tmpfs", root + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_mb']}m,mode=0755", "work dir")
 
 
 def namespaced(source, cfg):
+    ctypes, libc = native()
     uid, gid = os.getuid(), os.getgid()
     as_root = uid == 0
     check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | (0 if as_root else CLONE_NEWUSER)), "unshare")
@@ -129,8 +128,8 @@ def namespaced(source, cfg):
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as fh:
                 fh.write(text)
-    mount(None, "/", None, MS_REC | MS_PRIVATE, None, "make mounts private")
-    build_root(cfg, "/tmp")
+    mount(libc, None, "/", None, MS_REC | MS_PRIVATE, None, "make mounts private")
+    build_root(libc, cfg, "/tmp")
     os.chroot("/tmp")
     os.chdir("/")
     child = os.fork()
@@ -138,7 +137,7 @@ def namespaced(source, cfg):
         _, status = os.waitpid(child, 0)
         os._exit(os.waitstatus_to_exitcode(status) % 256 if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "parent-death signal")
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None, "mount /proc")
+    mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None, "mount /proc")
     if as_root:
         os.chown(WORKDIR, cfg["uid"], cfg["uid"])
     os.chdir(WORKDIR)
@@ -147,7 +146,8 @@ def namespaced(source, cfg):
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
-    check(libc.capset(ctypes.byref(CapHeader(CAP_VERSION_3, 0)), (ctypes.c_uint32 * 6)()), "drop capabilities")
+    header, data = (ctypes.c_uint32 * 2)(CAP_VERSION_3, 0), (ctypes.c_uint32 * 6)()  # all sets empty
+    check(libc.capset(header, data), "drop capabilities")
     load_filter(cfg)
     run_code(source, cfg)
 
@@ -166,7 +166,7 @@ def inside_bwrap(source, cfg):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
+    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
     with open(cfg["code_path"]) as fh:
         source = fh.read()
     {"bwrap": inside_bwrap, "namespaces": namespaced, "rlimits": plain}[cfg["mode"]](source, cfg)

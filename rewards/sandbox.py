@@ -28,8 +28,8 @@ its own process already, so threads only wait on pipes).
 from __future__ import annotations
 
 import errno
-import json
 import logging
+import marshal
 import math
 import os
 import selectors
@@ -124,8 +124,8 @@ class Sandbox:
             workdir = Path(tmp, "work")
             workdir.mkdir()
             config = {**self._config(str(code_path)), "workdir": str(workdir), "uid": NOBODY,
-                      "seccomp": (syscall_filter() or b"").hex()}
-            return _spawn([sys.executable, "-I", "-c", BOOT, json.dumps(config)], self.limits)
+                      "seccomp": syscall_filter() or b""}
+            return _spawn([sys.executable, "-I", "-c", BOOT, marshal.dumps(config).hex()], self.limits)
 
     def run_many(self, sources: Sequence[str]) -> list[SandboxResult]:
         """Run programs in parallel, `workers` at a time; results in input order."""
@@ -135,6 +135,7 @@ class Sandbox:
     def _config(self, code_path: str) -> dict:
         limits = self.limits
         cpu_s = limits.cpu_s or math.ceil(limits.wall_s) + 1
+        # Marshalled for the boot, which reads it with no import (json would cost every run `re`'s import).
         return {**asdict(limits), "cpu_s": cpu_s, "code_path": code_path, "mode": self.isolation,
                 "env": CLEAN_ENV, "root_dirs": ROOT_DIRS, "expose": exposed_dirs()}
 
@@ -171,9 +172,10 @@ def bwrap_command(limits: SandboxLimits, code_fd: int, filter_fd: int | None, co
              "--remount-ro", "/"]
     if filter_fd is not None:
         args += ["--seccomp", str(filter_fd)]
-    return [*args, "--", sys.executable, "-I", "-c", BOOT, json.dumps(config)]
+    return [*args, "--", sys.executable, "-I", "-c", BOOT, marshal.dumps(config).hex()]
 
 
+@cache
 def exposed_dirs() -> list[str]:
     """The interpreter's own directories that lie outside ROOT_DIRS (a venv, /opt or pyenv prefix),
     outermost only."""

@@ -27,22 +27,6 @@ def test_infinite_loop_is_killed():
     assert result.timed_out and not result.ok
 
 
-def test_fork_bomb_is_contained(sandbox):
-    result = sandbox.run("import os\nwhile True:\n    os.fork()")
-    assert not result.ok
-    assert sandbox.run("print('after')").stdout == "after\n"  # the machine still runs programs
-
-
-def test_memory_bomb_is_contained(sandbox):
-    result = sandbox.run("x = bytearray(4 * 1024 ** 3)")
-    assert not result.ok and "MemoryError" in result.stderr
-
-
-def test_huge_output_is_capped(sandbox):
-    result = sandbox.run("import sys\nfor _ in range(20000):\n    sys.stdout.write('x' * 1000)")
-    assert result.ok and len(result.stdout) == 4096
-
-
 def test_parent_secret_is_not_visible(sandbox, monkeypatch):
     monkeypatch.setenv("FOO_SECRET", "hunter2")
     result = sandbox.run("import os\nprint(os.environ.get('FOO_SECRET'))\nprint(sorted(os.environ))")
