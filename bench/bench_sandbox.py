@@ -1,18 +1,21 @@
 """Sandboxed runs per second vs bare `python -c` subprocesses of the same programs, on all cores.
 
-The peer is the cheapest way to run a snippet at all (a plain subprocess, same interpreter, same
-parallelism), so the ratio is the price of the isolation. Run: python bench/bench_sandbox.py [N]
+The peer is the cheapest way to run a snippet at all (a plain subprocess, same interpreter and
+`-I` flag as the sandbox, same parallelism), so the ratio is the price of the isolation. Every isolation mode that works for the
+invoking user is timed in the same run; run it as root and as an unprivileged user to see both.
+Run: python bench/bench_sandbox.py [N programs] [rounds]
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from rewards.sandbox import Sandbox, SandboxLimits
+from rewards.sandbox import Sandbox, SandboxLimits, available_isolations
 
 
 def programs(n: int) -> list[str]:
@@ -22,7 +25,7 @@ def programs(n: int) -> list[str]:
 
 
 def bare(source: str) -> bool:
-    return subprocess.run([sys.executable, "-c", source], capture_output=True, timeout=30).returncode == 0
+    return subprocess.run([sys.executable, "-I", "-c", source], capture_output=True, timeout=30).returncode == 0
 
 
 def timed(label: str, run, sources: list[str], workers: int) -> float:
@@ -37,16 +40,25 @@ def timed(label: str, run, sources: list[str], workers: int) -> float:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     workers = os.cpu_count() or 1
     sources = programs(n)
-    sandbox = Sandbox(SandboxLimits(wall_s=10), workers=workers)
-    print(f"{workers} workers, sandbox isolation: {sandbox.isolation}")
+    modes = available_isolations()
+    print(f"uid {os.geteuid()}, {workers} workers, python {sys.executable}, isolation modes: {', '.join(modes)}")
+    runners = {"bare python -c": bare}
+    for mode in modes:
+        sandbox = Sandbox(SandboxLimits(wall_s=10), workers=workers, isolation=mode)
+        runners[f"sandbox ({mode})"] = lambda s, sandbox=sandbox: sandbox.run(s).ok
     timed("warm-up", bare, sources[:4], workers)
-    peer = timed("bare python -c", bare, sources, workers)
-    ours = timed(f"sandbox ({sandbox.isolation})", lambda s: sandbox.run(s).ok, sources, workers)
-    plain = Sandbox(SandboxLimits(wall_s=10), workers=workers, isolation="rlimits")
-    timed("sandbox (rlimits fallback)", lambda s: plain.run(s).ok, sources, workers)
-    print(f"sandbox / bare throughput ratio: {ours / peer:.2f}x")
+    rates: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(rounds):  # interleaved, so a change in machine load hits every runner alike
+        for label, run in runners.items():
+            rates[label].append(timed(label, run, sources, workers))
+    peer = statistics.median(rates["bare python -c"])
+    print(f"median of {rounds} rounds:")
+    for label, values in rates.items():
+        rate = statistics.median(values)
+        print(f"  {label:<26} {rate:6.1f} runs/s  {rate / peer:.2f}x bare")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,15 @@
-"""Sandbox: each hostile program is contained, scores 0, and this test process survives.
-
-Namespace-specific guarantees (writes outside, signals to the parent, hidden processes) are checked
-only where the sandbox runs with namespaces (root on Linux); the rest hold in both modes.
+"""Sandbox: what holds in every isolation mode (the default one here), the rlimits fallback and its
+warning, and the code_tests reward. The escape suite, per containing mode: test_sandbox_escape.py.
 """
 
-import os
+import logging
 import socket
 
 import pytest
 
+import rewards.sandbox
 from rewards.code import CodeTests
-from rewards.sandbox import Sandbox, SandboxLimits, namespaces_available
-
-needs_namespaces = pytest.mark.skipif(not namespaces_available(), reason="needs root and Linux namespaces")
+from rewards.sandbox import Sandbox, SandboxLimits, available_isolations
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +25,6 @@ def test_clean_program_runs(sandbox):
 def test_infinite_loop_is_killed():
     result = Sandbox(SandboxLimits(wall_s=1)).run("while True:\n    pass")
     assert result.timed_out and not result.ok
-
-
-def test_fork_bomb_is_contained(sandbox):
-    result = sandbox.run("import os\nwhile True:\n    os.fork()")
-    assert not result.ok
-    assert sandbox.run("print('after')").stdout == "after\n"  # the machine still runs programs
-
-
-def test_memory_bomb_is_contained(sandbox):
-    result = sandbox.run("x = bytearray(4 * 1024 ** 3)")
-    assert not result.ok and "MemoryError" in result.stderr
-
-
-def test_huge_output_is_capped(sandbox):
-    result = sandbox.run("import sys\nfor _ in range(20000):\n    sys.stdout.write('x' * 1000)")
-    assert result.ok and len(result.stdout) == 4096
 
 
 def test_parent_secret_is_not_visible(sandbox, monkeypatch):
@@ -62,33 +43,24 @@ def test_network_to_loopback_server_is_refused(sandbox):
     assert not result.ok and "connected" not in result.stdout
 
 
-@needs_namespaces
-def test_writes_outside_do_not_land(sandbox, tmp_path):
-    target = tmp_path / "escaped.txt"
-    os.chmod(tmp_path, 0o777)  # even a world-writable host directory stays out of reach
-    shared_tmp = f"/tmp/align-sandbox-escape-{os.getpid()}"
-    code = (f"for path in [{str(target)!r}, {shared_tmp!r}, '/var/tmp/escape', '/work-escape']:\n"
-            "    try:\n        open(path, 'w').write('x')\n    except OSError as exc:\n        print(type(exc).__name__)")
-    result = sandbox.run(code)
-    assert result.ok
-    assert not target.exists() and not os.path.exists(shared_tmp) and not os.path.exists("/var/tmp/escape")
-    assert not os.path.exists("/work-escape")
-
-
-@needs_namespaces
-def test_cannot_kill_parent_or_see_processes(sandbox):
-    code = ("import os, signal\nprint(os.getuid(), len([p for p in os.listdir('/proc') if p.isdigit()]))\n"
-            "for pid in (os.getppid(), -1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n")
-    result = sandbox.run(code)
-    uid, visible = result.stdout.split()
-    assert uid == "65534" and int(visible) <= 2  # itself (PID 1) only; the host's processes are hidden
-    assert sandbox.run("print(1)").ok  # we are alive and still running programs
-
-
-def test_rlimits_fallback_blocks_network(sandbox):
-    plain = Sandbox(SandboxLimits(wall_s=5), isolation="rlimits")
+def test_rlimits_fallback_blocks_network_and_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(rewards.sandbox, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="rewards.sandbox"):
+        plain = Sandbox(SandboxLimits(wall_s=5), isolation="rlimits")
+        Sandbox(SandboxLimits(wall_s=5), isolation="rlimits")
+    assert [r.message.split(":")[0] for r in caplog.records] == ["SANDBOX NOT CONTAINED"]
     assert plain.run("print(2)").stdout == "2\n"
     assert "network access is disabled" in plain.run("import socket\nsocket.create_connection(('127.0.0.1', 9))").stderr
+    traced = plain.run("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                       "print(libc.ptrace(0, 0, None, None), os.strerror(ctypes.get_errno()))")
+    assert traced.stdout == "-1 Operation not permitted\n"  # the seccomp filter applies here too
+
+
+def test_isolation_is_reported_and_checked():
+    assert Sandbox().isolation == available_isolations()[0]
+    assert available_isolations()[-1] == "rlimits"
+    with pytest.raises(ValueError, match="one of bwrap, namespaces, rlimits"):
+        Sandbox(isolation="chroot")
 
 
 def test_code_tests_scores():
