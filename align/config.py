@@ -141,6 +141,20 @@ class SamplingConfig(Strict):
     stop: list[str] = []
 
 
+class ImportanceSamplingConfig(Strict):
+    """Correction for the rollout engine sampling from π_rollout ≠ the trainer's π_old (kernels,
+    precision): each token's (or sequence's) policy loss is weighted by w = π_old/π_rollout,
+    truncated at or masked above `cap`."""
+
+    level: Literal["token", "sequence"] = Field(
+        "token", description="token: w_t per token; sequence: w_i = Π_t w_t, one per sequence "
+        "(verl's rollout_is example: token; TRL's default mode: sequence_mask).")
+    mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="truncate: w ← min(w, cap) (TIS); mask: w ← 0 where w > cap (MIS).")
+    cap: float = Field(2.0, gt=0, description="C, the upper bound on w (verl rollout_is_threshold "
+                       "example: 2.0; TRL vllm_importance_sampling_clip_max: 3.0).")
+
+
 class GRPOStage(StageBase):
     """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, no critic.
 
@@ -160,8 +174,40 @@ class GRPOStage(StageBase):
     epsilon_high: float = Field(0.2, gt=0)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    importance_sampling_cap: float | None = Field(
-        None, gt=0, description="Truncated IS correction for engine-vs-trainer logprob mismatch.")
+    # loss variants (docs/grpo.md has each formula, when to use it and its source's defaults)
+    policy_objective: Literal["clip", "cispo"] = Field(
+        "clip", description="Per-token policy term: `clip` = PPO/GRPO clipped ratio·A (DeepSeekMath); "
+        "`cispo` = −sg(min(ρ, cispo_cap))·A·log π (MiniMax-M1; TRL loss_type=cispo, which pairs it "
+        "with loss_type dapo's aggregation).")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Policy ratio per token (PPO/GRPO, TRL default) or per sequence as the "
+        "length-normalised likelihood ratio (GSPO, which pairs it with epsilon_low 3e-4, "
+        "epsilon_high 4e-4, beta 0; meant for MoE stability).")
+    clip_ratio_c: float | None = Field(
+        None, gt=1, description="Dual-clip bound c: for A < 0 the loss is capped at −A·c, so a ratio "
+        "far above 1 cannot push a token down without limit (Ye et al. 2020; verl default 3.0, always "
+        "on there). Equals TRL's `delta` when c > 1 + epsilon_high. null = off.")
+    cispo_cap: float = Field(
+        5.0, gt=0, description="CISPO's cap C on the detached importance weight (absolute, not 1 + ε; "
+        "TRL's epsilon_high for cispo, ScaleRL/TRL recommend 5.0). Used only by policy_objective cispo.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="Per-token KL estimator (Schulman 2020): k3 = DeepSeekMath/TRL (in the loss); "
+        "k1 = verl's and OpenRLHF's default when the KL goes in the reward.")
+    kl_mode: Literal["loss", "reward"] = Field(
+        "loss", description="Where beta·KL goes: `loss` adds it to every token's loss (DeepSeekMath); "
+        "`reward` subtracts beta·Σ_t KL_t from each completion's reward before advantages (PPO-RLHF "
+        "shaping; verl use_kl_in_reward, default off there).")
+    kl_ratio_correction: bool = Field(
+        False, description="Multiply the in-loss KL by the policy ratio so its gradient is the unbiased "
+        "reverse-KL gradient (DeepSeek-V3.2; TRL use_bias_correction_kl, default true there).")
+    importance_sampling: ImportanceSamplingConfig | None = Field(
+        None, description="Train–rollout mismatch correction (Yao et al. 2025 TIS/MIS; TRL "
+        "vllm_importance_sampling_*): {level, mode, cap}. null = no correction (the gap is still "
+        "logged under mismatch/ every step).")
+    fp32_lm_head: bool = Field(
+        False, description="Run the output head's matmul in float32 for the trainer's log-probs "
+        "(policy, π_old, reference) so bf16 rounding of the logits does not widen the trainer–engine "
+        "gap (ScaleRL; TRL cast_lm_head_to_fp32, default false).")
     mask_truncated: bool = False
     reference: Literal["frozen_copy", "lora_disabled"] = "frozen_copy"
     max_prompt_len: int = Field(512, gt=0)
@@ -172,6 +218,16 @@ class GRPOStage(StageBase):
     reward_isolation: RewardsConfig = RewardsConfig()
 
     _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "importance_sampling_cap" in data:
+            cap = data["importance_sampling_cap"]
+            fix = ("delete it (no correction)" if cap is None else
+                   f"write `importance_sampling: {{level: token, mode: truncate, cap: {cap}}}` (what it did)")
+            raise ValueError(f"importance_sampling_cap was replaced by importance_sampling: {{level, mode, cap}}; {fix}")
+        return data
 
     @model_validator(mode="after")
     def _checks(self) -> "GRPOStage":

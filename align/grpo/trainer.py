@@ -39,6 +39,7 @@ from align.checkpoint import load_checkpoint, save_checkpoint, save_final
 from align.config import GRPOStage
 from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
+from align.grpo.kl import kl_penalized_rewards
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.loss import policy_loss
 from align.grpo.metrics import completion_metrics
@@ -340,12 +341,6 @@ class GRPOTrainer:
         stage, acc, timer = self.stage, self.acc, PhaseTimer()
         batch = self.prompts.take(self.step_prompts(self.step, self.prompts))
         samples, prompt_ids, scored, _ = self.generate_and_score(batch, self.sampling(self.step), timer)
-        with timer("advantage"):
-            local = torch.tensor([math.nan if r is None else float(r) for r in scored.total])
-            rewards = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order preserved
-            adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(rewards, group_size=stage.group_size)
-            lo = acc.process_index * len(local)
-            advantages = adv_all[lo:lo + len(local)]
         data = build_batch(prompt_ids, samples, self.tokenizer.pad_token_id, stage.mask_truncated)
         t_len = data["completion_mask"].size(1)
         dev = acc.device
@@ -357,14 +352,29 @@ class GRPOTrainer:
                                      data["input_ids"].size(1) - t_len, t_len).to(dev)
         policy = acc.unwrap_model(self.model)
         old_logp = ref_logp = None
+        kl_in_reward = stage.kl_mode == "reward" and stage.beta > 0
         with timer("logprobs"), torch.no_grad():
-            if stage.num_iterations > 1 or stage.importance_sampling_cap is not None:
+            if stage.num_iterations > 1 or stage.importance_sampling is not None or kl_in_reward:
                 with replaying(policy, routes):
                     old_logp, _ = completion_logprobs(self.model, tensors["input_ids"], tensors["attention_mask"],
                                                       completion_length=t_len, temperature=self._temp(),
-                                                      micro_batch_size=micro, with_entropy=False)
+                                                      micro_batch_size=micro, with_entropy=False,
+                                                      fp32_lm_head=stage.fp32_lm_head)
             if stage.beta > 0:
                 ref_logp = self._ref_logprobs(tensors, t_len, micro, routes)
+        with timer("advantage"):
+            local = torch.tensor([math.nan if r is None else float(r) for r in scored.total])
+            rewards = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order preserved
+            shaped, kl_metrics = rewards, {}
+            if kl_in_reward:  # r − β·Σ_t KL_t per completion, before the group baseline
+                penalised, kl_metrics = kl_penalized_rewards(
+                    local.to(dev), old_logp, ref_logp, tensors["completion_mask"], beta=stage.beta,
+                    estimator=stage.kl_estimator)
+                shaped = acc.gather(penalised).cpu()
+            adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(shaped, group_size=stage.group_size)
+            adv_metrics = {**adv_metrics, **kl_metrics}
+            lo = acc.process_index * len(local)
+            advantages = adv_all[lo:lo + len(local)]
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
             n_tokens = global_token_count(acc, int(tensors["completion_mask"].sum()))
@@ -404,14 +414,21 @@ class GRPOTrainer:
                     replaying(policy, None if routes is None else routes[sl]) as replay:
                 logp, entropy = completion_logprobs(
                     self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
-                    completion_length=t_len, temperature=self._temp())
+                    completion_length=t_len, temperature=self._temp(), fp32_lm_head=stage.fp32_lm_head)
+                is_cfg = stage.importance_sampling
                 loss, m = policy_loss(
                     logp, None if old_logp is None else old_logp[sl], advantages[sl].to(dev),
                     tensors["completion_mask"][sl],
                     ref_logp=None if ref_logp is None else ref_logp[sl],
-                    rollout_logp=tensors["rollout_logp"][sl] if stage.importance_sampling_cap else None,
-                    entropy=entropy, aggregation=stage.loss_type, epsilon_low=stage.epsilon_low,
-                    epsilon_high=stage.epsilon_high, beta=stage.beta, is_cap=stage.importance_sampling_cap,
+                    rollout_logp=tensors["rollout_logp"][sl],  # always: the mismatch is logged every step
+                    entropy=entropy, aggregation=stage.loss_type, objective=stage.policy_objective,
+                    ratio_level=stage.importance_sampling_level, epsilon_low=stage.epsilon_low,
+                    epsilon_high=stage.epsilon_high, clip_ratio_c=stage.clip_ratio_c, cispo_cap=stage.cispo_cap,
+                    beta=stage.beta if stage.kl_mode == "loss" else 0.0, kl_estimator=stage.kl_estimator,
+                    kl_ratio_correction=stage.kl_ratio_correction,
+                    is_cap=None if is_cfg is None else is_cfg.cap,
+                    is_level="token" if is_cfg is None else is_cfg.level,
+                    is_mode="truncate" if is_cfg is None else is_cfg.mode,
                     max_completion_length=stage.sampling.max_new_tokens, num_items_in_batch=n_tokens,
                     num_micro_batches=len(chunks), world_size=acc.num_processes)
                 backward(acc, loss)
@@ -427,7 +444,7 @@ class GRPOTrainer:
     @torch.no_grad()
     def _ref_logprobs(self, tensors, t_len: int, micro: int, routes: torch.Tensor | None) -> torch.Tensor:
         args = dict(completion_length=t_len, temperature=self._temp(), micro_batch_size=micro,
-                    with_entropy=False)
+                    with_entropy=False, fp32_lm_head=self.stage.fp32_lm_head)
         if self.ref is not None:
             with replaying(self.ref, routes):
                 return completion_logprobs(self.ref, tensors["input_ids"], tensors["attention_mask"], **args)[0]
