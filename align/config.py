@@ -234,6 +234,12 @@ class GRPOStage(StageBase):
         if self.reference == "lora_disabled" and self.lora is None and self.beta > 0:
             raise ValueError("reference: lora_disabled needs a `lora` section; "
                              "set reference: frozen_copy or add lora: {r: 16}")
+        if self.clip_ratio_c is not None and self.policy_objective != "clip":
+            raise ValueError(f"clip_ratio_c (dual-clip) bounds the clipped objective; it needs policy_objective: "
+                             f"clip (got {self.policy_objective}, which caps at cispo_cap); remove clip_ratio_c")
+        if self.kl_ratio_correction and self.kl_mode != "loss":
+            raise ValueError("kl_ratio_correction reweights the KL term of the loss; it needs kl_mode: loss "
+                             "(the reward's KL has no gradient to correct); remove kl_ratio_correction")
         return self
 
 
