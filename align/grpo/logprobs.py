@@ -9,12 +9,23 @@ logits the log-prob is computed as `gather(x) − logsumexp(x)` one sequence at 
 backward keeps nothing bigger than the logits (TRL's trick). Half-precision logits are upcast one
 sequence at a time, because logsumexp in bf16 loses the digits the ratio needs. Entropy is a
 metric, so it is computed without a graph.
+
+fp32 LM head (`fp32_lm_head`, ScaleRL arXiv:2510.13786; TRL `cast_lm_head_to_fp32`): upcasting bf16
+logits afterwards cannot restore what the bf16 matmul rounded away (a logit of 10 has a bf16 step of
+1/16), one source of the trainer–engine log-prob gap. With it on, the head's
+matmul itself runs in float32 (`F.linear(h.float(), W.float())`, gradient flowing back to the bf16
+weight), for the duration of the call only: the model's weights are not changed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
+
+from align.errors import AlignError
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -45,10 +56,39 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     return torch.stack(logp_rows), (torch.stack(ent_rows) if with_entropy else None)
 
 
+@contextmanager
+def lm_head_in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, `model`'s output projection computes its logits in float32.
+
+    The head's forward is swapped for `F.linear(h.float(), W.float(), b.float())` and restored on
+    exit. A LoRA-wrapped head is refused: its adapter would be skipped.
+    """
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = inner.get_output_embeddings()
+    if head is None or not hasattr(head, "weight") or hasattr(head, "base_layer"):
+        raise AlignError("fp32_lm_head: the model's output head is missing or carries a LoRA adapter "
+                         "(lora.target_modules includes lm_head); drop lm_head from the adapter's targets "
+                         "or set fp32_lm_head: false")
+    previous = head.__dict__.get("forward")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else head.bias.float()
+        return F.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
 def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         *, completion_length: int, temperature: float = 1.0,
-                        micro_batch_size: int | None = None,
-                        with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        micro_batch_size: int | None = None, with_entropy: bool = True,
+                        fp32_lm_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a causal LM on prompt+completion and score the last `completion_length` tokens.
 
     Only the logits that predict completion tokens are materialised (`logits_to_keep`). Positions
@@ -63,9 +103,17 @@ def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attenti
         temperature: sampling temperature the completions were drawn at.
         micro_batch_size: rows per forward pass (None: all at once).
         with_entropy: also return per-token entropy.
+        fp32_lm_head: compute the logits with the output head in float32 (`lm_head_in_fp32`).
     Returns:
         logp `[N, T]`, entropy `[N, T]` or None.
     """
+    with lm_head_in_fp32(model) if fp32_lm_head else nullcontext():
+        return _completion_logprobs(model, input_ids, attention_mask, completion_length, temperature,
+                                    micro_batch_size, with_entropy)
+
+
+def _completion_logprobs(model, input_ids, attention_mask, completion_length: int, temperature: float,
+                         micro_batch_size: int | None, with_entropy: bool):
     step = micro_batch_size or input_ids.size(0)
     logps, ents = [], []
     for start in range(0, input_ids.size(0), step):

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from align.train_utils import mean_over_ranks
+
 
 class PhaseTimer:
     """`with timer("rollout"):` adds the phase's wall time to `time/rollout` of this step."""
@@ -77,3 +79,19 @@ def completion_metrics(completion_mask: torch.Tensor, truncated: torch.Tensor) -
         "completions/truncated_frac": truncated.float().mean(),
         "completions/terminated_length_mean": masked_mean(lengths, ~truncated),
     }
+
+
+def heldout_means(accelerator, components: dict[str, list], row_categories: list | None,
+                  categories: list[str]) -> dict[str, float]:
+    """`eval/<reward>` means over every rank's held-out samples (None = not applicable, left out),
+    and `eval/<reward>/<category>` for each of `categories` (the same list on every rank, so all
+    ranks make the same reduces)."""
+    out: dict[str, float] = {}
+    for name, vals in components.items():
+        values = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float64,
+                              device=accelerator.device)
+        out[f"eval/{name}"] = mean_over_ranks(accelerator, values, torch.ones_like(values, dtype=torch.bool))
+        for cat in categories:
+            select = torch.tensor([c == cat for c in row_categories], device=accelerator.device)
+            out[f"eval/{name}/{cat}"] = mean_over_ranks(accelerator, values, select)
+    return out

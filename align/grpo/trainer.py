@@ -6,13 +6,14 @@ One step, each phase timed into the metrics (`time/<phase>`):
                   G = `group_size` samples each from the rollout engine (per-sample seeds;
                   trainer state offloaded meanwhile; `dynamic_sampling` keeps groups with spread).
   2. reward     — every reward component through `rewards.RewardSet` (isolated, combined).
-  3. advantage  — A = (r − group mean) / group std over the *global* batch's groups (no critic).
-  4. logprobs   — π_old only when it differs from the current policy (μ > 1, or truncated IS);
-                  π_ref only when beta > 0. With μ = 1 the ratio is exactly 1 and no extra
-                  forward pass is spent on π_old.
+  3. logprobs   — π_old only when it differs from the current policy or is needed (μ > 1,
+                  importance_sampling, kl_mode: reward); π_ref only when beta > 0. With μ = 1 the
+                  ratio is exactly 1 and no extra forward pass is spent on π_old.
+  4. advantage  — A = (r − group mean) / group std over the *global* batch's groups (no critic);
+                  with kl_mode: reward, r − β·Σ KL first.
   5. update     — μ = `num_iterations` optimizer steps over the batch, micro-batched by
-                  `per_device_batch_size`; loss = clipped ratio·A + beta·KL(k3), aggregated by
-                  `loss_type`, normalised over the whole step so micro-batching never changes it.
+                  `per_device_batch_size`; loss = clipped ratio·A + beta·KL (`loss_options`: the
+                  recipe's loss keys), normalised over the whole step so micro-batching never changes it.
   6. sync       — new weights into the engine (a no-op for the colocated HF engine, which shares
                   the policy's tensors; vLLM reloads in place).
 Departures from the paper (beta = 0 loads no reference, DAPO / Dr. GRPO options): docs/grpo.md.
@@ -32,14 +33,15 @@ from align.grpo.advantages import ADVANTAGES
 from align.grpo.batch import build_batch, micro_batch_size
 from align.grpo.dynamic_sampling import Rollout, fill_batch
 from align.grpo.logprobs import completion_logprobs
-from align.grpo.loss import policy_loss
-from align.grpo.metrics import PhaseTimer, completion_metrics, merge_micro_metrics
+from align.grpo.kl import kl_penalized_rewards
+from align.grpo.loss import loss_options, policy_loss
+from align.grpo.metrics import PhaseTimer, completion_metrics, heldout_means, merge_micro_metrics
 from align.loop import StageTrainer, run_stage
 from align.moe import ensure_replay_supported, moe_gates, replaying, router_stats, routes_to_batch
 from align.offload import OffloadGroup
 from align.stage import StageContext, StageResult
 from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, global_token_count,
-                               load_trainable_model, maybe_no_sync, mean_over_ranks, optimizer_step)
+                               load_trainable_model, maybe_no_sync, optimizer_step)
 from align.weights import policy_weights
 from rollout.base import SamplingParams
 
@@ -55,7 +57,7 @@ class GRPOTrainer(StageTrainer):
         self.ctx, self.stage, self.acc, self.guard = ctx, ctx.stage, accelerator, guard
         stage: GRPOStage = self.stage
         recipe, self.world = ctx.recipe, accelerator.num_processes
-        self.micro = micro_batch_size(stage, self.world)
+        self.micro, self.loss_options = micro_batch_size(stage, self.world), loss_options(stage)
         self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
         self.ref = None
@@ -128,11 +130,6 @@ class GRPOTrainer(StageTrainer):
         stage, acc, timer, micro = self.stage, self.acc, PhaseTimer(), self.micro
         batch = self.rollout(step, timer)
         samples, rows = batch.samples, batch.rows
-        with timer("advantage"):
-            local = torch.tensor([math.nan if r is None else float(r) for r in batch.totals])
-            rewards = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order preserved
-            adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(rewards, group_size=stage.group_size)
-            advantages = adv_all[acc.process_index * len(local):(acc.process_index + 1) * len(local)]
         data = build_batch(rows.ids, samples, self.tokenizer.pad_token_id, stage.mask_truncated)
         t_len = data["completion_mask"].size(1)
         tensors = {k: v.to(acc.device) for k, v in data.items()}
@@ -141,11 +138,23 @@ class GRPOTrainer(StageTrainer):
             routes = routes_to_batch([len(p) for p in rows.ids], [s.routes for s in samples],
                                      data["input_ids"].size(1) - t_len, t_len).to(acc.device)
         old_logp = ref_logp = None
+        kl_in_reward = stage.kl_mode == "reward" and stage.beta > 0
         with timer("logprobs"), torch.no_grad():
-            if stage.num_iterations > 1 or stage.importance_sampling_cap is not None:
+            if stage.num_iterations > 1 or stage.importance_sampling is not None or kl_in_reward:
                 old_logp = self._logprobs(self.model, self.policy, tensors, t_len, routes)
             if stage.beta > 0:
                 ref_logp = self._ref_logprobs(tensors, t_len, routes)
+        with timer("advantage"):
+            local = torch.tensor([math.nan if r is None else float(r) for r in batch.totals])
+            rewards = shaped = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order kept
+            kl_metrics = {}
+            if kl_in_reward:  # r − β·Σ_t KL_t per completion, before the group baseline
+                penalised, kl_metrics = kl_penalized_rewards(local.to(acc.device), old_logp, ref_logp,
+                                                             tensors["completion_mask"], beta=stage.beta,
+                                                             estimator=stage.kl_estimator)
+                shaped = acc.gather(penalised).cpu()
+            adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(shaped, group_size=stage.group_size)
+            advantages = adv_all[acc.process_index * len(local):(acc.process_index + 1) * len(local)]
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
             n_tokens = global_token_count(acc, int(tensors["completion_mask"].sum()))
@@ -161,7 +170,8 @@ class GRPOTrainer(StageTrainer):
                                                       self.guard, step)
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
             self.engine.update_weights([] if self.shares_policy else policy_weights(self.policy))
-        metrics.update({k: float(v) for k, v in {**adv_metrics, **batch.reward_metrics, **batch.metrics}.items()})
+        metrics.update({k: float(v) for k, v in {**adv_metrics, **kl_metrics, **batch.reward_metrics,
+                                                 **batch.metrics}.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
         metrics.update({"reward": float(torch.nanmean(rewards)), "lr": self.scheduler.get_last_lr()[0],
                         "skipped_steps": self.guard.skipped, **timer.times})
@@ -178,15 +188,13 @@ class GRPOTrainer(StageTrainer):
         with maybe_no_sync(self.acc, self.model, sync=last), \
                 replaying(self.policy, None if routes is None else routes[sl]) as replay:
             logp, entropy = completion_logprobs(self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
-                                                completion_length=t_len, temperature=self._temp())
-            loss, m = policy_loss(
+                                                completion_length=t_len, temperature=self._temp(),
+                                                fp32_lm_head=stage.fp32_lm_head)
+            loss, m = policy_loss(  # rollout logprobs always: the train-rollout mismatch is logged every step
                 logp, None if old_logp is None else old_logp[sl], advantages[sl].to(self.acc.device),
                 tensors["completion_mask"][sl], ref_logp=None if ref_logp is None else ref_logp[sl],
-                rollout_logp=tensors["rollout_logp"][sl] if stage.importance_sampling_cap else None,
-                entropy=entropy, aggregation=stage.loss_type, epsilon_low=stage.epsilon_low,
-                epsilon_high=stage.epsilon_high, beta=stage.beta, is_cap=stage.importance_sampling_cap,
-                max_completion_length=stage.sampling.max_new_tokens, num_items_in_batch=n_tokens,
-                num_micro_batches=n_chunks, world_size=self.acc.num_processes)
+                rollout_logp=tensors["rollout_logp"][sl], entropy=entropy, num_items_in_batch=n_tokens,
+                num_micro_batches=n_chunks, world_size=self.acc.num_processes, **self.loss_options)
             backward(self.acc, loss)
         metrics["loss"] += float(loss.detach()) / stage.num_iterations
         if replay is not None:
@@ -201,7 +209,8 @@ class GRPOTrainer(StageTrainer):
         """Completion logprobs of `model` in eval batches, routes replayed on `gated`'s routers."""
         with replaying(gated, routes):
             return completion_logprobs(model, tensors["input_ids"], tensors["attention_mask"], completion_length=t_len,
-                                       temperature=self._temp(), micro_batch_size=self.micro, with_entropy=False)[0]
+                                       temperature=self._temp(), micro_batch_size=self.micro, with_entropy=False,
+                                       fp32_lm_head=self.stage.fp32_lm_head)[0]
 
     def _ref_logprobs(self, tensors, t_len: int, routes: torch.Tensor | None) -> torch.Tensor:
         if self.ref is not None:  # never `prepare`d, so mixed precision is applied here, as for the policy
@@ -212,9 +221,8 @@ class GRPOTrainer(StageTrainer):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy completions on the held-out prompts, scored by the same reward functions as
-        training (so reported accuracy and the training signal cannot drift apart); means per
-        component, and per `category` column when the prompts have one."""
+        """Greedy answers to the held-out prompts, scored by the training rewards (so reported accuracy
+        and the training signal cannot drift apart): means per component and per `category`."""
         if self.eval_prompts is None:
             return {}
         self.model.eval()
@@ -223,15 +231,7 @@ class GRPOTrainer(StageTrainer):
         _, rows, scored = self.generate_and_score(batch, self.sampling(0, greedy=True), step, PhaseTimer())
         # every evaluated prompt's categories, not this rank's share: all ranks make the same reduces
         categories = sorted({c for c in self.eval_prompts.columns.get("category", [])[:n] if c is not None})
-        out: dict[str, float] = {}
-        for name, vals in scored.components.items():
-            values = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float64,
-                                  device=self.acc.device)
-            out[f"eval/{name}"] = mean_over_ranks(self.acc, values, torch.ones_like(values, dtype=torch.bool))
-            for cat in categories:
-                select = torch.tensor([c == cat for c in rows.columns["category"]], device=self.acc.device)
-                out[f"eval/{name}/{cat}"] = mean_over_ranks(self.acc, values, select)
-        return out
+        return heldout_means(self.acc, scored.components, rows.columns.get("category"), categories)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version}

@@ -218,6 +218,20 @@ class SamplingConfig(Strict):
     stop: list[str] = Field([], description="Strings that end a completion, besides EOS.")
 
 
+class ImportanceSamplingConfig(Strict):
+    """Correction for the rollout engine sampling from π_rollout ≠ the trainer's π_old (kernels,
+    precision): each token's (or sequence's) policy loss is weighted by w = π_old/π_rollout,
+    truncated at or masked above `cap`."""
+
+    level: Literal["token", "sequence"] = Field(
+        "token", description="token: w_t per token; sequence: w_i = Π_t w_t, one per sequence "
+        "(verl's rollout_is example: token; TRL's default mode: sequence_mask).")
+    mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="truncate: w ← min(w, cap) (TIS); mask: w ← 0 where w > cap (MIS).")
+    cap: float = Field(2.0, gt=0, description="C, the upper bound on w (verl rollout_is_threshold "
+                       "example: 2.0; TRL vllm_importance_sampling_clip_max: 3.0).")
+
+
 class DynamicSamplingConfig(Strict):
     """DAPO's dynamic sampling (align/grpo/dynamic_sampling.py)."""
 
@@ -277,10 +291,40 @@ class GRPOStage(StageBase):
         "Advantage A = (r − group mean) / scale: `group` = the group's std (DeepSeekMath, TRL default); "
         "`batch` = the std over the whole step's rewards (Lite PPO); `none` = no division (Dr. GRPO: std "
         "scaling over-weights too easy and too hard questions). A group whose rewards are all equal gets A = 0."))
-    importance_sampling_cap: float | None = Field(None, gt=0, description=(
-        "C of truncated importance sampling: each token's loss is weighted by min(π_old / π_rollout, C), "
-        "correcting for the rollout engine's log-probs differing from the trainer's (Yao et al. 2025; TRL "
-        "vllm_importance_sampling_clip_max, default 3); costs one forward pass for π_old. null = off."))
+    # loss variants (docs/grpo.md has each formula, when to use it and its source's defaults)
+    policy_objective: Literal["clip", "cispo"] = Field(
+        "clip", description="Per-token policy term: `clip` = PPO/GRPO clipped ratio·A (DeepSeekMath); "
+        "`cispo` = −sg(min(ρ, cispo_cap))·A·log π (MiniMax-M1; TRL loss_type=cispo, which pairs it "
+        "with loss_type dapo's aggregation).")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Policy ratio per token (PPO/GRPO, TRL default) or per sequence as the "
+        "length-normalised likelihood ratio (GSPO, which pairs it with epsilon_low 3e-4, "
+        "epsilon_high 4e-4, beta 0; meant for MoE stability).")
+    clip_ratio_c: float | None = Field(
+        None, gt=1, description="Dual-clip bound c: for A < 0 the loss is capped at −A·c, so a ratio "
+        "far above 1 cannot push a token down without limit (Ye et al. 2020; verl default 3.0, always "
+        "on there). Equals TRL's `delta` when c > 1 + epsilon_high. null = off.")
+    cispo_cap: float = Field(
+        5.0, gt=0, description="CISPO's cap C on the detached importance weight (absolute, not 1 + ε; "
+        "TRL's epsilon_high for cispo, ScaleRL/TRL recommend 5.0). Used only by policy_objective cispo.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="Per-token KL estimator (Schulman 2020): k3 = DeepSeekMath/TRL (in the loss); "
+        "k1 = verl's and OpenRLHF's default when the KL goes in the reward.")
+    kl_mode: Literal["loss", "reward"] = Field(
+        "loss", description="Where beta·KL goes: `loss` adds it to every token's loss (DeepSeekMath); "
+        "`reward` subtracts beta·Σ_t KL_t from each completion's reward before advantages (PPO-RLHF "
+        "shaping; verl use_kl_in_reward, default off there).")
+    kl_ratio_correction: bool = Field(
+        False, description="Multiply the in-loss KL by the policy ratio so its gradient is the unbiased "
+        "reverse-KL gradient (DeepSeek-V3.2; TRL use_bias_correction_kl, default true there).")
+    importance_sampling: ImportanceSamplingConfig | None = Field(
+        None, description="Train–rollout mismatch correction (Yao et al. 2025 TIS/MIS; TRL "
+        "vllm_importance_sampling_*): {level, mode, cap}. null = no correction (the gap is still "
+        "logged under mismatch/ every step).")
+    fp32_lm_head: bool = Field(
+        False, description="Run the output head's matmul in float32 for the trainer's log-probs "
+        "(policy, π_old, reference) so bf16 rounding of the logits does not widen the trainer–engine "
+        "gap (ScaleRL; TRL cast_lm_head_to_fp32, default false).")
     mask_truncated: bool = Field(False, description=(
         "Leave completions cut at sampling.max_new_tokens out of the loss; their rewards still enter their "
         "group's advantages (TRL mask_truncated_completions, default false; recommended by DAPO)."))
@@ -307,11 +351,27 @@ class GRPOStage(StageBase):
 
     _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "importance_sampling_cap" in data:
+            cap = data["importance_sampling_cap"]
+            fix = ("delete it (no correction)" if cap is None else
+                   f"write `importance_sampling: {{level: token, mode: truncate, cap: {cap}}}` (what it did)")
+            raise ValueError(f"importance_sampling_cap was replaced by importance_sampling: {{level, mode, cap}}; {fix}")
+        return data
+
     @model_validator(mode="after")
     def _checks(self) -> "GRPOStage":
         if self.reference == "lora_disabled" and self.lora is None and self.beta > 0:
             raise ValueError("reference: lora_disabled needs a `lora` section; "
                              "set reference: frozen_copy or add lora: {r: 16}")
+        if self.clip_ratio_c is not None and self.policy_objective != "clip":
+            raise ValueError(f"clip_ratio_c (dual-clip) bounds the clipped objective; it needs policy_objective: "
+                             f"clip (got {self.policy_objective}, which caps at cispo_cap); remove clip_ratio_c")
+        if self.kl_ratio_correction and self.kl_mode != "loss":
+            raise ValueError("kl_ratio_correction reweights the KL term of the loss; it needs kl_mode: loss "
+                             "(the reward's KL has no gradient to correct); remove kl_ratio_correction")
         if self.sampling.temperature == 0:
             raise ValueError("sampling.temperature: 0 makes every sample of a group the same greedy answer, "
                              "so no group has an advantage; sample at a temperature > 0 (DeepSeekMath: 1.0)")
