@@ -28,7 +28,7 @@ CONVERSATION_DEFECTS = [
     ("wrong_type", '{"messages": "hi"}', "'messages' must be a list"),
     ("empty_conversation", '{"messages": []}', "the conversation has no turns"),
     ("wrong_type", '{"messages": ["hi"]}', "messages[0] must be an object"),
-    ("missing_role", '{"messages": [{"content": "hi"}]}', "messages[0] has no role"),
+    ("missing_role", '{"messages": [{"content": "hi"}]}', "messages[0] has no 'role'"),
     ("unknown_role", '{"messages": [{"role": "user", "content": "a"}, {"role": "asistant", "content": "b"}]}',
      "did you mean 'assistant'?"),
     ("unknown_role", '{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}',
@@ -37,7 +37,7 @@ CONVERSATION_DEFECTS = [
      "messages[0].content must be a string, got int"),
     ("wrong_type", '{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "join the text parts"),
     ("missing_field", '{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}',
-     "messages[0].content is missing"),
+     "messages[0] has no 'content'"),
     # dropped (repair), which leaves an assistant turn first, dropped too: nothing left to train on
     ("empty_turn", '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}]}',
      "messages[0] (user turn) is empty"),

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.data.policy import Policy, parse_policy
-from align.data.schema import ROLE_ALIASES, ROLES, Defect, missing_field, not_an_object, suggest_role, type_name
+from align.data.schema import (ROLE_ALIASES, ROLES, Defect, missing_field, not_an_object, role_defect, suggest_role,
+                               text_defect, turn_objects, type_name)
 
 FORMATS = ("messages", "sharegpt", "alpaca")
 DEFAULT_ROLES = {**{r: r for r in ROLES}, **ROLE_ALIASES}
@@ -96,44 +97,28 @@ def _list_turns(row: dict, column: str, roles: Mapping[str, str]) -> tuple[list[
         return [], [Defect("wrong_type", f"'{column}' must be a list of turns, got {type_name(turns)}")]
     out: list[Turn] = []
     defects: list[Defect] = []
-    for i, turn in enumerate(turns):
-        where = f"{column}[{i}]"
-        if not isinstance(turn, dict):
-            defects.append(Defect("wrong_type", f"{where} must be an object with 'role' and 'content' "
-                                                f"(or 'from' and 'value'), got {type_name(turn)}"))
-            continue
+    for where, turn in turn_objects(turns, column, "'role' and 'content' (or 'from' and 'value')", defects):
         role_key, role = _turn_field(turn, ("from", "role") if column == "conversations" else ("role", "from"))
         text_key, text = _turn_field(turn, ("value", "content") if role_key == "from" else ("content", "value"))
-        mapped, role_defect = _map_role(role, f"{where}.{role_key}", roles)
-        text_defect = _text_defect(text, f"{where}.{text_key}")
-        defects += [d for d in (role_defect, text_defect) if d is not None]
-        if mapped is not None and text_defect is None:
+        mapped, bad_role = _map_role(role, where, role_key, roles)
+        bad_text = text_defect(text, where, text_key)
+        defects += [d for d in (bad_role, bad_text) if d is not None]
+        if mapped is not None and bad_text is None:
             out.append((where, mapped, text))
     return out, defects
 
 
-def _map_role(role: object, where: str, roles: Mapping[str, str]) -> tuple[str | None, Defect | None]:
-    if role is None:
-        return None, Defect("missing_role", f"{where.rsplit('.', 1)[0]} has no role; set one of {', '.join(ROLES)}")
-    if not isinstance(role, str):
-        return None, Defect("wrong_type", f"{where} must be a string, got {type_name(role)}")
+def _map_role(role: object, where: str, key: str, roles: Mapping[str, str]) -> tuple[str | None, Defect | None]:
+    if defect := role_defect(role, where, key):
+        return None, defect
     mapped = roles.get(role.strip().lower())
     if mapped is not None:
         return mapped, None
     guess = suggest_role(role)
     hint = f"did you mean '{guess}'? " if guess else ""
-    return None, Defect("unknown_role", f"{where} '{role}' is not a known role; {hint}map it on the data "
+    return None, Defect("unknown_role", f"{where}.{key} '{role}' is not a known role; {hint}map it on the data "
                                         f"source with `roles: {{{role}: user | assistant | system}}` "
                                         f"(or --role {role}=ROLE)")
-
-
-def _text_defect(text: object, where: str) -> Defect | None:
-    if text is None:
-        return Defect("missing_field", f"{where} is missing")
-    if not isinstance(text, str):
-        hint = "; join the text parts into one string" if isinstance(text, list) else ""
-        return Defect("wrong_type", f"{where} must be a string, got {type_name(text)}{hint}")
-    return None
 
 
 def _messages_turns(row: dict, roles: Mapping[str, str]) -> tuple[list[Turn], list[Defect]]:

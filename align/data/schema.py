@@ -16,7 +16,7 @@ bad rows; its `message` names the field (``messages[2].role``) and, where possib
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
@@ -56,28 +56,53 @@ def suggest_role(role: str) -> str | None:
     return close[0] if close else None
 
 
+def text_defect(text: object, where: str, key: str = "content") -> Defect | None:
+    """The type defect of a turn's text `where.key` (absent, or not a string), or None."""
+    if text is None:
+        return Defect("missing_field", f"{where} has no '{key}'")
+    if not isinstance(text, str):
+        hint = "; join the text parts into one string" if isinstance(text, list) else ""
+        return Defect("wrong_type", f"{where}.{key} must be a string, got {type_name(text)}{hint}")
+    return None
+
+
+def role_defect(role: object, where: str, key: str = "role") -> Defect | None:
+    """The defect of a turn's role `where.key` that no role map can fix (absent, not a string)."""
+    if role is None:
+        return Defect("missing_role", f"{where} has no '{key}'; set one of {', '.join(ROLES)}")
+    if not isinstance(role, str):
+        return Defect("wrong_type", f"{where}.{key} must be a string, got {type_name(role)}")
+    return None
+
+
 def _check_content(content: object, where: str) -> list[Defect]:
-    if content is None:
-        return [Defect("missing_field", f"{where} has no 'content'")]
-    if not isinstance(content, str):
-        hint = "; join the text parts into one string" if isinstance(content, list) else ""
-        return [Defect("wrong_type", f"{where}.content must be a string, got {type_name(content)}{hint}")]
+    if defect := text_defect(content, where):
+        return [defect]
     if not content.strip():
         return [Defect("empty_content", f"{where}.content is empty")]
     return []
 
 
 def _check_role(role: object, where: str) -> list[Defect]:
-    if role is None:
-        return [Defect("missing_role", f"{where} has no 'role'; set one of {', '.join(ROLES)}")]
-    if not isinstance(role, str):
-        return [Defect("wrong_type", f"{where}.role must be a string, got {type_name(role)}")]
+    if defect := role_defect(role, where):
+        return [defect]
     if role in ROLES:
         return []
     guess = suggest_role(role)
     hint = f"did you mean '{guess}'? " if guess else ""
     return [Defect("unknown_role", f"{where}.role '{role}' is not a valid role; {hint}"
                                    f"(valid: {', '.join(ROLES)})")]
+
+
+def turn_objects(turns: list, field: str, keys: str, defects: list[Defect]) -> Iterator[tuple[str, dict]]:
+    """(where, turn) for each turn of `field` that is an object; a defect in `defects` for each
+    that is not (an object with `keys`)."""
+    for i, turn in enumerate(turns):
+        where = f"{field}[{i}]"
+        if isinstance(turn, dict):
+            yield where, turn
+        else:
+            defects.append(Defect("wrong_type", f"{where} must be an object with {keys}, got {type_name(turn)}"))
 
 
 def check_messages(messages: object, field: str) -> list[Defect]:
@@ -88,12 +113,7 @@ def check_messages(messages: object, field: str) -> list[Defect]:
     if not messages:
         return [Defect("empty_messages", f"'{field}' is an empty list")]
     defects: list[Defect] = []
-    for i, message in enumerate(messages):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            defects.append(Defect("wrong_type", f"{where} must be an object with 'role' and "
-                                                f"'content', got {type_name(message)}"))
-            continue
+    for where, message in turn_objects(messages, field, "'role' and 'content'", defects):
         defects += _check_role(message.get("role"), where)
         defects += _check_content(message.get("content"), where)
     return defects
