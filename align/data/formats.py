@@ -28,13 +28,13 @@ from pathlib import Path
 
 from align.data.policy import Policy, parse_policy
 from align.data.schema import (ROLE_ALIASES, ROLES, Defect, missing_field, not_an_object, role_defect, suggest_role,
-                               text_defect, turn_objects, type_name)
+                               text_defect, type_name)
 
 FORMATS = ("messages", "sharegpt", "alpaca")
 DEFAULT_ROLES = {**{r: r for r in ROLES}, **ROLE_ALIASES}
 _COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations", "system"),
             "alpaca": ("instruction", "input", "output", "system", "history")}
-Turn = tuple[str, str, str]  # (where it came from, role, text)
+Turn = tuple[int | str, str, str]  # (index in the turn list, or the column it came from; role; text)
 
 
 def detect_format(row: object) -> str | None:
@@ -81,12 +81,6 @@ def conversation_format(format: str = "auto", roles: Mapping[str, str] | None = 
     return ConversationFormat(format, role_map(roles), parse_policy(on_defect))
 
 
-def _turn_field(turn: dict, keys: tuple[str, str]) -> tuple[str, object]:
-    """The first of `keys` the turn sets (ShareGPT's from/value or role/content), and its value."""
-    key = next((k for k in keys if turn.get(k) is not None), keys[0])
-    return key, turn.get(key)
-
-
 def _list_turns(row: dict, column: str, roles: Mapping[str, str]) -> tuple[list[Turn], list[Defect]]:
     turns = row.get(column)
     if turns is None:
@@ -95,17 +89,37 @@ def _list_turns(row: dict, column: str, roles: Mapping[str, str]) -> tuple[list[
                                                "set `format:` if that is wrong")]
     if not isinstance(turns, list):
         return [], [Defect("wrong_type", f"'{column}' must be a list of turns, got {type_name(turns)}")]
+    role_key, text_key = ("from", "value") if column == "conversations" else ("role", "content")
     out: list[Turn] = []
     defects: list[Defect] = []
-    for where, turn in turn_objects(turns, column, "'role' and 'content' (or 'from' and 'value')", defects):
-        role_key, role = _turn_field(turn, ("from", "role") if column == "conversations" else ("role", "from"))
-        text_key, text = _turn_field(turn, ("value", "content") if role_key == "from" else ("content", "value"))
-        mapped, bad_role = _map_role(role, where, role_key, roles)
-        bad_text = text_defect(text, where, text_key)
-        defects += [d for d in (bad_role, bad_text) if d is not None]
-        if mapped is not None and bad_text is None:
-            out.append((where, mapped, text))
+    for i, turn in enumerate(turns):
+        if type(turn) is dict:  # the common case first: the format's own keys, a role the map knows
+            role, text = turn.get(role_key), turn.get(text_key)
+            if type(role) is str and type(text) is str:
+                mapped = roles.get(role) or roles.get(role.strip().lower())
+                if mapped is not None:
+                    out.append((i, mapped, text))
+                    continue
+        parsed, found = _other_turn(turn, f"{column}[{i}]", roles, role_key)
+        out += [(i, *parsed)] if parsed else []
+        defects += found
     return out, defects
+
+
+def _other_turn(turn: object, where: str, roles: Mapping[str, str],
+                usual: str) -> tuple[tuple[str, str] | None, list[Defect]]:
+    """(role, text) of a turn off the fast path: keyed the other way (role/content in ShareGPT,
+    from/value in messages), or with defects (naming the format's `usual` role key if neither is set)."""
+    if not isinstance(turn, dict):
+        return None, [Defect("wrong_type", f"{where} must be an object with 'role' and 'content' (or 'from' "
+                                           f"and 'value'), got {type_name(turn)}")]
+    role_key = next((k for k in ("from", "role") if turn.get(k) is not None), usual)
+    text_key = next((k for k in ("value", "content") if turn.get(k) is not None), "value" if role_key == "from"
+                    else "content")
+    mapped, bad_role = _map_role(turn.get(role_key), where, role_key, roles)
+    bad_text = text_defect(turn.get(text_key), where, text_key)
+    defects = [d for d in (bad_role, bad_text) if d is not None]
+    return (None if defects else (mapped, turn[text_key])), defects
 
 
 def _map_role(role: object, where: str, key: str, roles: Mapping[str, str]) -> tuple[str | None, Defect | None]:
@@ -158,10 +172,26 @@ def _alpaca_turns(row: dict, roles: Mapping[str, str]) -> tuple[list[Turn], list
 _TURNS = {"messages": _messages_turns, "sharegpt": _sharegpt_turns, "alpaca": _alpaca_turns}
 
 
-def structure(turns: list[Turn]) -> tuple[list[dict] | None, list[Defect]]:
+def structure(turns: list[Turn], column: str) -> tuple[list[dict] | None, list[Defect]]:
     """Messages from well-typed turns, with the `REPAIRS` applied in order, and the defects found;
     None when no trainable conversation is left."""
-    defects = [Defect("empty_turn", f"{where} ({role} turn) is empty") for where, role, text in turns
+    previous, user_seen, assistant_seen = None, False, False
+    for _, role, text in turns:  # the common case first: nothing to repair
+        if role == previous or not text or text.isspace() or (role == "assistant" and not user_seen):
+            break
+        previous, user_seen, assistant_seen = role, user_seen or role == "user", assistant_seen or role == "assistant"
+    else:
+        if assistant_seen:
+            return [{"role": role, "content": text} for _, role, text in turns], []
+    return _repair(turns, column)
+
+
+def _where(column: str, origin: int | str) -> str:
+    return f"{column}[{origin}]" if isinstance(origin, int) else origin
+
+
+def _repair(turns: list[Turn], column: str) -> tuple[list[dict] | None, list[Defect]]:
+    defects = [Defect("empty_turn", f"{_where(column, at)} ({role} turn) is empty") for at, role, text in turns
                if not text.strip()]
     kept = [t for t in turns if t[2].strip()]
     if not kept:
@@ -170,18 +200,19 @@ def structure(turns: list[Turn]) -> tuple[list[dict] | None, list[Defect]]:
     start = next((i for i, t in enumerate(kept) if t[1] != "system"), len(kept))
     end = next((i for i in range(start, len(kept)) if kept[i][1] != "assistant"), len(kept))
     if end > start:
-        defects.append(Defect("leading_assistant", f"{kept[start][0]} is an assistant turn before any user "
-                                                   f"turn ({end - start} such turn(s)): it answers nothing"))
+        defects.append(Defect("leading_assistant", f"{_where(column, kept[start][0])} is an assistant turn before "
+                                                   f"any user turn ({end - start} such turn(s)): it answers nothing"))
         kept = kept[:start] + kept[end:]
     messages: list[dict] = []
-    origin: list[str] = []
-    for where, role, text in kept:
+    origin: list[int | str] = []
+    for at, role, text in kept:
         if messages and messages[-1]["role"] == role:
-            defects.append(Defect("consecutive_same_role", f"{origin[-1]} and {where} are both '{role}' turns"))
+            defects.append(Defect("consecutive_same_role", f"{_where(column, origin[-1])} and {_where(column, at)} "
+                                                           f"are both '{role}' turns"))
             messages[-1]["content"] += "\n\n" + text
         else:
             messages.append({"role": role, "content": text})
-            origin.append(where)
+            origin.append(at)
     if not any(m["role"] == "assistant" for m in messages):
         return None, defects + [Defect("no_assistant_turn", "the conversation has no assistant turn: "
                                                             "nothing to train on")]
@@ -209,7 +240,7 @@ class Converter:
         turns, defects = _TURNS[self.format](row, self.spec.roles)
         if defects:
             return None, defects
-        messages, defects = structure(turns)
+        messages, defects = structure(turns, _COLUMNS[self.format][0])
         if messages is None:
             return None, defects
         rest = {k: v for k, v in row.items() if k not in _COLUMNS[self.format]}
