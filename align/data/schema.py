@@ -192,10 +192,12 @@ def detect_kind(row: object) -> str | None:
     """Guess the dataset kind from one row's columns, or None if it shows no known column."""
     if not isinstance(row, dict):
         return None
-    if "messages" in row or "conversations" in row or "instruction" in row:
-        return "conversations"  # messages, ShareGPT or Alpaca rows
+    if "messages" in row or "conversations" in row:
+        return "conversations"  # messages or ShareGPT rows
     if "chosen" in row or "rejected" in row:
         return "preferences"
     if "prompt" in row:
         return "prompts"
+    if "instruction" in row and "output" in row:
+        return "conversations"  # Alpaca rows
     return None
