@@ -64,8 +64,9 @@ def _load_sources(sources, tokenizer, stage, cache_root: Path):
 
     parts, stats = [], {}
     for i, src in enumerate(sources):
-        ds, st = tokenized_source(src.path, tokenizer, max_seq_len=stage.max_seq_len, overlong=stage.overlong,
-                                  assistant_only=stage.assistant_only_loss, cache_root=cache_root)
+        ds, st = tokenized_source(src.path, tokenizer, fmt=src.conversation_format(), max_seq_len=stage.max_seq_len,
+                                  overlong=stage.overlong, assistant_only=stage.assistant_only_loss,
+                                  cache_root=cache_root)
         parts.append(ds)
         stats[src.name or src.path] = st
     return concatenate_datasets(parts), [len(p) for p in parts], stats

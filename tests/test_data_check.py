@@ -39,13 +39,14 @@ def test_five_defects_all_reported_with_lines(tmp_path):
     path.write_text("\n".join(FIVE_DEFECTS) + "\n")
     result = runner.invoke(app, ["check", str(path)], terminal_width=200)
     assert result.exit_code == 1
-    for line, words in ((2, "did you mean 'assistant'?"), (3, "invalid JSON"), (4, "content is empty"),
+    for line, words in ((2, "did you mean 'assistant'?"), (3, "invalid JSON"), (4, "(user turn) is empty"),
                         (5, "no 'messages' field"), (6, "no assistant turn")):
         assert f"{path}:{line}: " in result.output and words in result.output
     as_json = json.loads(runner.invoke(app, ["check", str(path), "--json"]).output)
     assert as_json["rows"]["good"] == 2 and as_json["rows"]["bad"] == 5
-    assert as_json["rows"]["defects"] == {"unknown_role": 1, "bad_json": 1, "empty_content": 1,
-                                          "missing_field": 1, "no_assistant_turn": 1}
+    # line 4: the empty user turn is dropped, then the assistant turn left first, then nothing is left
+    assert as_json["rows"]["defects"] == {"unknown_role": 1, "bad_json": 1, "empty_turn": 1, "leading_assistant": 1,
+                                          "missing_field": 1, "no_assistant_turn": 2}
 
 
 def test_synth_then_check_with_tokenizer(tmp_path, tokenizer_dir):

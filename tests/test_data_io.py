@@ -1,4 +1,5 @@
-"""Reading datasets: every defect kind with its location, skip/fail policies, all file formats."""
+"""Reading datasets: every defect kind with its location, skip/fail policies, all file formats.
+ShareGPT / Alpaca rows, repairs and truncated files: tests/test_data_formats.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 
 import pytest
 
-from align.data.io import (ReadStats, read_conversations, read_preferences, read_prompts, write_jsonl,
+from align.data.formats import conversation_format
+from align.data.io import (ReadStats, read_conversations, read_preferences, read_prompts, read_rows, write_jsonl,
                            write_parquet)
 from align.errors import AlignError
 
@@ -24,20 +26,21 @@ CONVERSATION_DEFECTS = [
     ("not_an_object", '["user", "hi"]', "must be a JSON object, got list"),
     ("missing_field", '{"conversations": []}', "no 'messages' field"),
     ("wrong_type", '{"messages": "hi"}', "'messages' must be a list"),
-    ("empty_messages", '{"messages": []}', "'messages' is an empty list"),
+    ("empty_conversation", '{"messages": []}', "the conversation has no turns"),
     ("wrong_type", '{"messages": ["hi"]}', "messages[0] must be an object"),
     ("missing_role", '{"messages": [{"content": "hi"}]}', "messages[0] has no 'role'"),
     ("unknown_role", '{"messages": [{"role": "user", "content": "a"}, {"role": "asistant", "content": "b"}]}',
      "did you mean 'assistant'?"),
-    ("unknown_role", '{"messages": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}]}',
-     "did you mean 'user'?"),
+    ("unknown_role", '{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+     "messages[0].role 'tool' is not a known role; map it on the data source with `roles: {tool:"),
     ("wrong_type", '{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "b"}]}',
      "messages[0].content must be a string, got int"),
     ("wrong_type", '{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "join the text parts"),
     ("missing_field", '{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}',
      "messages[0] has no 'content'"),
-    ("empty_content", '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}]}',
-     "messages[0].content is empty"),
+    # dropped (repair), which leaves an assistant turn first, dropped too: nothing left to train on
+    ("empty_turn", '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}]}',
+     "messages[0] (user turn) is empty"),
     ("no_assistant_turn", '{"messages": [{"role": "user", "content": "a"}]}', "no assistant turn"),
 ]
 
@@ -54,12 +57,13 @@ def test_each_conversation_defect_names_its_line(tmp_path, kind, line, words):
     assert words in stats.examples[0]
 
 
-def test_json_array_file_gets_a_hint(tmp_path):
-    path = _write_lines(tmp_path / "d.json", ["[", json.dumps(GOOD) + ",", "]"])
+def test_json_array_in_a_jsonl_file_gets_a_hint(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", ["[", json.dumps(GOOD) + ",", "]"])
     stats = ReadStats()
     assert list(read_conversations(path, stats=stats)) == []
-    assert stats.examples[0] == f"{path}:1: the file is one JSON array; write JSON Lines instead " \
-                                "(one object per line)"
+    assert stats.examples[0] == f"{path}:1: the file is one JSON document spread over lines; name it .json " \
+                                "if it is a JSON array, or write JSON Lines (one object per line)"
+    assert list(read_conversations(path.rename(tmp_path / "d.json"))) == [GOOD]
 
 
 def test_skip_counts_bad_rows_per_kind(tmp_path):
@@ -76,19 +80,19 @@ def test_fail_policy_stops_and_lists_defects_with_lines(tmp_path):
     path = _write_lines(tmp_path / "d.jsonl", lines)
     seen = []
     with pytest.raises(AlignError) as err:
-        for row in read_conversations(path, on_error="fail"):
+        for row in read_conversations(path, conversation_format(on_defect="fail")):
             seen.append(row)
     assert seen == [GOOD, GOOD]  # nothing after the first bad row reaches the trainer
     message = str(err.value)
-    assert "3 bad conversations row(s)" in message
-    for where in (f"{path}:3:", f"{path}:5:", f"{path}:6:"):
+    assert "3 bad conversation row(s)" in message
+    for where in (f"{path}:3:", f"{path}:5:", f"{path}:6:"):  # 5: 'bot' is an assistant turn, first
         assert where in message
-    assert "on_error: skip" in message
+    assert "on_defect: skip" in message
 
 
 def test_unknown_policy_and_missing_file_are_user_errors(tmp_path):
     with pytest.raises(AlignError, match="on_error must be one of skip, fail"):
-        list(read_conversations(tmp_path, on_error="ignore"))
+        list(read_rows(tmp_path, "conversations", on_error="ignore"))
     with pytest.raises(AlignError, match="no such file"):
         list(read_conversations(tmp_path / "missing.jsonl"))
 
@@ -140,7 +144,7 @@ def _parquet_like_rows():
     def conv(user_role, text):
         return {"messages": [{"role": user_role, "content": text}, {"role": "assistant", "content": "ok"}],
                 "category": "safety"}
-    return [conv("user", "a"), conv("human", "b"), conv("user", "c"), conv("user", "")]
+    return [conv("user", "a"), conv("narrator", "b"), conv("user", "c"), conv("user", "")]
 
 
 def test_parquet_reader_reports_row_indices(tmp_path):
@@ -150,7 +154,7 @@ def test_parquet_reader_reports_row_indices(tmp_path):
     rows = list(read_conversations(path, stats=stats))
     assert [r["messages"][0]["content"] for r in rows] == ["a", "c"]
     assert rows[0]["category"] == "safety"
-    assert [e.split(":")[0] for e in stats.examples] == [f"{path} row 1", f"{path} row 3"]
+    assert sorted({e.split(":")[0] for e in stats.examples}) == [f"{path} row 1", f"{path} row 3"]
 
 
 def test_datasets_directory_reader(tmp_path):
@@ -160,7 +164,7 @@ def test_datasets_directory_reader(tmp_path):
     stats = ReadStats()
     rows = list(read_conversations(tmp_path / "ds", stats=stats))
     assert [r["messages"][0]["content"] for r in rows] == ["a", "c"]
-    assert stats.examples[0].startswith(f"{tmp_path / 'ds'} row 1: messages[0].role 'human'")
+    assert stats.examples[0].startswith(f"{tmp_path / 'ds'} row 1: messages[0].role 'narrator'")
 
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(AlignError, match="DatasetDict with splits \\['train'\\]"):

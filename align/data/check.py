@@ -1,5 +1,10 @@
 """`align data check`: what a dataset holds and what is wrong with it, in one streaming pass.
 
+Conversations are read as SFT reads them (`align.data.formats`: any format, the same role map and
+defect policy), so the counts say what training will get: rows kept clean, kept repaired, dropped,
+and per defect kind how many rows and where. The check never stops early: under `fail` the failing
+rows are counted as bad like skipped ones.
+
 Everything is accumulated in bounded memory, whatever the row count: counters of roles, categories
 and turns, and a histogram of token lengths (lengths take few distinct values, so exact percentiles
 come from the histogram instead of a list with one entry per row).
@@ -15,8 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.data.io import ReadStats, data_files, iter_rows, locate, scan, size_hint
-from align.data.schema import VALIDATORS, detect_kind
+from align.data.formats import ConversationFormat, ConversationReader
+from align.data.io import ReadStats, data_files, open_rows, scan, size_hint, validated
+from align.data.policy import KEPT, Policy
+from align.data.schema import KINDS, VALIDATORS, detect_kind
 from align.errors import AlignError
 
 QUANTILES = (50, 90, 99)
@@ -109,6 +116,7 @@ class CheckReport:
     turns: Counter = field(default_factory=Counter)
     categories: Counter = field(default_factory=Counter)
     tokens: Counter | None = None
+    formats: dict[str, str | None] = field(default_factory=dict)  # conversations: file -> format read
 
     def observe(self, row: dict) -> None:
         main = _main_messages(self.kind, row)
@@ -123,7 +131,7 @@ class CheckReport:
             self.categories[label if known else "(other)"] += 1
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "rows": self.stats.as_dict(),
+        return {"path": self.path, "kind": self.kind, "formats": self.formats, "rows": self.stats.as_dict(),
                 "roles": dict(self.roles.most_common()), "turns": percentiles(self.turns),
                 "categories": dict(self.categories.most_common()),
                 "tokens": percentiles(self.tokens) if self.tokens is not None else None}
@@ -132,32 +140,42 @@ class CheckReport:
 def resolve_kind(path: str | Path, kind: str) -> str:
     """`kind`, or for "auto" the kind the first rows' columns show (conversations if none do)."""
     if kind != "auto":
-        if kind not in VALIDATORS:
-            raise AlignError(f"unknown --kind {kind!r}; choose auto or one of {', '.join(VALIDATORS)}")
+        if kind not in KINDS:
+            raise AlignError(f"unknown --kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
         return kind
-    first = data_files(path)[0]
-    for _, row in itertools.islice(iter_rows(first), 100):
+    _, rows = open_rows(data_files(path)[0])
+    for _, row in itertools.islice(rows, 100):
         if found := detect_kind(row):
             return found
     return "conversations"
 
 
 def check(path: str | Path, kind: str = "auto", tokenizer: str | Path | None = None,
-          max_examples: int = 10, show_progress: bool = False) -> CheckReport:
-    """Validate every row of `path` and gather its statistics in one streaming pass."""
+          max_examples: int = 10, show_progress: bool = False, fmt: ConversationFormat | None = None) -> CheckReport:
+    """Validate every row of `path` and gather its statistics in one streaming pass; conversations
+    are read with `fmt` (default: format detected per file, default role map, policy `repair`)."""
     kind = resolve_kind(path, kind)
+    if kind == "conversations":
+        fmt = fmt or ConversationFormat()
+        reader, policy = ConversationReader(fmt), fmt.policy
+    elif fmt is not None and fmt != ConversationFormat():
+        raise AlignError(f"--format, --role and --on-defect apply to conversation data; {path} holds {kind}")
+    else:
+        reader, policy = validated(VALIDATORS[kind]), Policy("skip")
     report = CheckReport(str(path), kind, ReadStats(max_examples=max_examples))
     counter = TokenCounter(tokenizer, generation_prompt=kind == "prompts") if tokenizer else None
     with _progress_bar(path, show_progress) as advance:
-        for item in scan(path, VALIDATORS[kind], advance):
-            if item.defects:
-                report.stats.add_bad(locate(item.file, item.position), item.defects)
+        for item in scan(path, reader, advance):
+            outcome = policy.outcome([d.kind for d in item.defects])
+            report.stats.add(item, outcome)
+            if outcome not in KEPT:
                 continue
-            report.stats.good += 1
             report.observe(item.row)
             if counter is not None:
                 for sequence in _sequences(kind, item.row):
                     counter.add(sequence)
+    if isinstance(reader, ConversationReader):
+        report.formats = reader.formats
     if counter is not None:
         counter.flush()
         report.tokens = counter.hist
@@ -179,25 +197,40 @@ def _progress_bar(path: str | Path, show: bool) -> Iterator[Callable[[int], None
         yield lambda n: bar.advance(task, n)
 
 
-def render(report: CheckReport, console) -> None:
-    """Print the report as rich tables: rows and defects, roles, turns, categories, tokens."""
+def render_stats(stats: ReadStats, console) -> None:
+    """Rows kept (clean, repaired) and dropped, then per defect kind its row count and first
+    locations, then the first defects in full."""
     from rich.table import Table
 
-    stats = report.stats
-    console.print(f"[bold]{report.path}[/] ({report.kind})", highlight=False)
     rows = Table()
     rows.add_column("rows")
     rows.add_column("count", justify="right")
     rows.add_row("total", f"{stats.good + stats.bad:,}")
     rows.add_row("good", f"{stats.good:,}")
+    rows.add_row("  of which repaired", f"{stats.repaired:,}")
     rows.add_row("[red]bad[/]" if stats.bad else "bad", f"{stats.bad:,}")
-    for kind, count in stats.defect_counts.most_common():
-        rows.add_row(f"  {kind}", f"{count:,}")
     console.print(rows)
+    if stats.defect_counts:
+        console.print("[bold]Defects[/] (rows with the defect: first locations):")
+        for kind, count in stats.defect_counts.most_common():
+            where = stats.locations.get(kind, [])
+            more = ", ..." if count > len(where) else ""
+            console.print(f"  {kind} ({count:,}): {', '.join(where)}{more}", highlight=False, markup=False,
+                          soft_wrap=True)
     if stats.examples:
         console.print(f"[bold]First {len(stats.examples)} defect(s):[/]")
         for line in stats.examples:
             console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+
+
+def render(report: CheckReport, console) -> None:
+    """Print the report as rich tables: rows and defects, roles, turns, categories, tokens."""
+    from rich.table import Table
+
+    formats = sorted({f for f in report.formats.values() if f})
+    shown = f", {' + '.join(formats)} format" if formats else ""
+    console.print(f"[bold]{report.path}[/] ({report.kind}{shown})", highlight=False)
+    render_stats(report.stats, console)
     for title, counts in (("role", report.roles), ("category", report.categories)):
         if counts:
             console.print(_shares_table(title, counts))

@@ -89,6 +89,39 @@ class DataSource(Strict):
         return self
 
 
+class ConversationSource(DataSource):
+    """An SFT conversation file: also which format its rows are in and what to do with messy rows
+    (`align.data.formats`, `align.data.policy`; `align data check` takes the same settings)."""
+
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = Field(
+        "auto", description="Row format: `messages` ({messages: [{role, content}]}), `sharegpt` "
+        "({conversations: [{from, value}]}), `alpaca` ({instruction, input, output}); `auto` detects it "
+        "per file from the first row that shows one.")
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        {}, description="Extra role names, e.g. {function_response: user}: extends (or overrides) the "
+        "built-in map (human/prompter -> user; gpt/chatgpt/bot/model/ai/bard/bing -> assistant; sys -> "
+        "system). Matched case-insensitively; a role in neither is an `unknown_role` defect.")
+    on_defect: Literal["repair", "skip", "fail"] | dict[str, Literal["repair", "skip", "fail"]] = Field(
+        "repair", description="What a row with defects does: `repair` (the unambiguous fixes: drop empty "
+        "turns, drop assistant turns before the first user turn, merge same-role neighbours; rows with "
+        "other defects are skipped), `skip`, or `fail` (stop with the defects' locations). A mapping sets it "
+        "per defect kind, e.g. {default: repair, unknown_role: fail}. Every defect is counted either way.")
+
+    @field_validator("on_defect")
+    @classmethod
+    def _known_kinds(cls, value: Any) -> Any:
+        from align.data.policy import parse_policy
+
+        parse_policy(value)  # ValueError names the bad kind or action
+        return value
+
+    def conversation_format(self):
+        """How `align.data.io.read_conversations` reads this source."""
+        from align.data.formats import conversation_format
+
+        return conversation_format(self.format, self.roles, self.on_defect)
+
+
 def _sources(value: Any) -> Any:
     """Accept a bare path or a list of paths as shorthand for a list of DataSource."""
     if isinstance(value, str):
@@ -163,11 +196,11 @@ class StageBase(Strict):
 
 class SFTStage(StageBase):
     kind: Literal["sft"] = Field(description="`sft`: supervised fine-tuning, next-token loss on conversations.")
-    data: Annotated[list[DataSource], Field(min_length=1)] = Field(description=(
+    data: Annotated[list[ConversationSource], Field(min_length=1)] = Field(description=(
         "Training conversations (`messages` rows): a path, a list of paths, or sources with weight/count "
         "for a mixture."))
-    eval_data: list[DataSource] = Field([], description="Held-out conversations for eval_loss (before "
-                                                        "training, every save_steps, after); read whole.")
+    eval_data: list[ConversationSource] = Field([], description="Held-out conversations for eval_loss (before "
+                                                        "and after training, and every eval_steps); read whole.")
     eval_split: float = Field(0.0, ge=0, lt=1, description="Held-out share of `data` when eval_data is empty "
                                                            "(at least one row when > 0).")
     max_seq_len: int = Field(1024, gt=8, description="Tokens per conversation, and per packed row (TRL "
