@@ -290,14 +290,16 @@ stages:
       - {{path: {alpaca}}}
 """)
     stage = load_recipe(recipe, check_files=False).stages[0]
-    # The SFT loader as it calls the cache today (format auto, default roles, policy repair).
+    # The SFT loader reads each source with its own settings: the role map keeps line 8, whose two
+    # assistant turns (the mapped function_call and the answer) are merged.
     full, sizes, stats = _load_sources(stage.data, tokenizer, stage, tmp_path / "cache")
-    assert sizes == [6, 2] and len(full) == 8
+    assert sizes == [7, 2] and len(full) == 9
     read = stats[str(sharegpt)]["read"]
-    assert (read["good"], read["repaired"], read["bad"]) == (6, 3, 4)
+    assert (read["good"], read["repaired"], read["bad"]) == (7, 4, 3)
     assert read["locations"]["truncated_record"] == [f"{sharegpt}:10"]
     assert stats[str(alpaca)]["read"]["locations"]["missing_field"] == [f"{alpaca} record 4"]
-    for row, conv in zip(full, [*SHAREGPT_KEPT.values(), *ALPACA_KEPT.values()]):
+    kept = {**SHAREGPT_KEPT, 8: [("user", "weather?"), ("assistant", '{"city": "Oslo"}\n\nSunny.')]}
+    for row, conv in zip(full, [*(kept[k] for k in sorted(kept)), *ALPACA_KEPT.values()], strict=True):
         assert _assistant_text(tokenizer, row) == "".join(c + "<|im_end|>" for r, c in conv if r == "assistant")
 
     # With the source's own settings: the role map keeps line 8 (merged), the policy key is honoured.
@@ -306,7 +308,7 @@ stages:
     source = stage.data[0]
     kw = dict(max_seq_len=256, overlong="truncate", assistant_only=True, cache_root=tmp_path / "cache")
     ds, st = tokenized_source(source.path, tokenizer, fmt=source.conversation_format(), **kw)
-    assert len(ds) == 7 and st["read"]["repaired"] == 4 and not st["cached"]
+    assert len(ds) == 7 and st["read"]["repaired"] == 4 and st["cached"]  # same settings as the loader: cache hit
     strict = source.model_copy(update={"on_defect": {"consecutive_same_role": "fail"}})
     with pytest.raises(AlignError, match=f"{sharegpt}:5: "):
         tokenized_source(source.path, tokenizer, fmt=strict.conversation_format(), **kw)
