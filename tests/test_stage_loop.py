@@ -1,4 +1,4 @@
-"""The shared stage loop (align/loop.py): one set of rules for SFT, reward-model and GRPO stages.
+"""The shared stage loop (align/loop.py): one set of rules for SFT, reward-model, GRPO and DPO stages.
 
 Each test runs every stage kind on the nano model, in process, through the kind's real `run`:
   - every stage writes tensorboard events when the recipe asks for them (SFT used not to);
@@ -38,8 +38,13 @@ STAGES = {
                        "rewards": [{"name": "math_accuracy"}, {"name": "format", "normalize": "running"}],
                        "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4, "num_iterations": 2,
                        "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 10}},
+    "dpo": lambda d: {"kind": "dpo", "data": str(d / "prefs.jsonl"), "eval_split": 0.2, "max_seq_len": 96,
+                      "lr": 3e-3, "per_device_batch_size": 4, "gradient_accumulation_steps": 2},
+    "dpo_lora_disabled": lambda d: {"kind": "dpo", "data": str(d / "prefs.jsonl"), "eval_split": 0.2,
+                                    "max_seq_len": 96, "lr": 3e-3, "per_device_batch_size": 4, "loss_type": "ipo",
+                                    "reference": "lora_disabled", "lora": {"r": 4, "alpha": 8}},
 }
-KINDS = ["sft", "reward_model", "grpo"]
+KINDS = ["sft", "reward_model", "grpo", "dpo"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_a_stop_at_the_last_step_finishes_the_stage(kind, model_dir, data, tmp_p
     assert stopped.value.step == 1 and (stopped.value.checkpoint / "trainer_state.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo"])
+@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo", "dpo", "dpo_lora_disabled"])
 def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp_path):
     whole = run(context(tmp_path / "whole", model_dir, data, kind, max_steps=3))
     with pytest.raises(TrainingInterrupted) as stopped:
