@@ -330,7 +330,7 @@ class DPOTrainer(StageTrainer):
     def summary(self) -> dict[str, Any]:
         return {"train_pairs": len(self.train_idx), "eval_pairs": len(self.eval_idx),
                 "pairs_dropped_overlong_prompt": self.dropped, "tokens": self.tokens,
-                "samples_generated": 0, "reference": self.stage.reference}
+                "samples": 0, "reference": self.stage.reference}
 
 
 def run(ctx: StageContext) -> StageResult:
