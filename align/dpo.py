@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,7 +179,7 @@ class DPOTrainer(StageTrainer):
     """DPO / IPO on preference pairs, on the shared stage loop."""
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_causal_lm, load_tokenizer
+        from align.models.load import load_tokenizer
 
         stage: DPOStage = ctx.stage
         recipe = ctx.recipe
@@ -207,18 +206,23 @@ class DPOTrainer(StageTrainer):
         self.policy = accelerator.unwrap_model(self.model)
         self.ref, self.ref_logps = None, None
         if stage.reference == "frozen_copy":
-            self.ref = load_causal_lm(ctx.init_model, dtype=recipe.model.dtype,
-                                      trust_remote_code=recipe.model.trust_remote_code,
-                                      allow_pickle=recipe.model.allow_pickle_weights).eval().requires_grad_(False)
-            self.ref.to(accelerator.device)
+            self.ref = self._starting_model().requires_grad_(False)
         elif stage.reference == "precomputed":
-            self.ref_logps = self._precomputed(load_causal_lm, recipe)
+            self.ref_logps = self._precomputed()
         self.model.train()
         self.tokens = 0  # trained non-padding tokens (chosen + rejected), over every resumed run
 
     # ---------------------------------------------------------------- reference
 
-    def _precomputed(self, load_causal_lm, recipe) -> torch.Tensor:
+    def _starting_model(self):
+        """A fresh copy of the stage's starting model, in eval mode, on this rank's device."""
+        from align.models.load import load_causal_lm
+
+        cfg = self.ctx.recipe.model
+        return load_causal_lm(self.ctx.init_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                              allow_pickle=cfg.allow_pickle_weights).eval().to(self.acc.device)
+
+    def _precomputed(self) -> torch.Tensor:
         """Reference log-probs `[pairs, 2]` (chosen, rejected) of every pair, train and eval. A
         fresh run scores them with the policy before its first step and stores them; a resumed
         run reads that file (or, if it is gone, scores with a fresh copy of the starting model)."""
@@ -229,12 +233,7 @@ class DPOTrainer(StageTrainer):
             stored = load_file(path)["logps"]
             if stored.shape == (len(self.pairs), 2):
                 return stored
-        scorer = self.policy
-        if self.ctx.resume_from is not None:
-            scorer = load_causal_lm(self.ctx.init_model, dtype=recipe.model.dtype,
-                                    trust_remote_code=recipe.model.trust_remote_code,
-                                    allow_pickle=recipe.model.allow_pickle_weights).to(self.acc.device)
-        logps = self._score_all(scorer)
+        logps = self._score_all(self.policy if self.ctx.resume_from is None else self._starting_model())
         if self.acc.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

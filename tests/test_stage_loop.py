@@ -110,3 +110,18 @@ def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp
     for key, value in before.items():
         assert resumed.summary[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.summary["steps"] == 3
+
+
+@pytest.mark.parametrize("lora, reference", [(None, "frozen_copy"), ({"r": 4, "alpha": 8}, "lora_disabled")])
+def test_dpo_references_train_alike(lora, reference, model_dir, data, tmp_path):
+    """π_ref scored per batch (a frozen copy, or the LoRA policy with its adapter off) trains as the
+    precomputed log-probs do: all three are the starting model."""
+    extra = {"max_steps": 2, **({"lora": lora} if lora else {})}
+    stored = run(context(tmp_path / "pre", model_dir, data, "dpo", reference="precomputed", **extra))
+    scored = run(context(tmp_path / "ref", model_dir, data, "dpo", reference=reference, **extra))
+    assert (tmp_path / "pre" / "s" / "reference_logps.safetensors").exists()
+    a, b = load_file(stored.final / "model.safetensors"), load_file(scored.final / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=f"{reference}: {name} differs")
+    assert scored.summary["eval_rewards/margins (before)"] == pytest.approx(0.0, abs=1e-5)
+    assert scored.summary["eval_rewards/accuracies (after)"] is not None
