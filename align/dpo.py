@@ -44,8 +44,8 @@ from align.loop import StageTrainer, run_stage
 from align.recipe.schema import DPOStage
 from align.reward_model import _messages
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, load_trainable_model,
-                               maybe_no_sync, optimizer_step, reduce_sum, total_optimizer_steps)
+from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, global_token_count,
+                               load_trainable_model, maybe_no_sync, optimizer_step, reduce_sum, total_optimizer_steps)
 
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -294,7 +294,7 @@ class DPOTrainer(StageTrainer):
             tokens += int(batch["attention_mask"].sum())
         norm = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage, self.guard, step)
         totals = reduce_sum(acc, totals)
-        self.tokens += tokens * acc.num_processes
+        self.tokens += global_token_count(acc, tokens)
         if not log:
             return {"loss": float(totals[0] / totals[-1])}
         return {**_means(totals), "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],
