@@ -29,7 +29,7 @@ def _recipe(tmp: Path, model: Path, prefs: Path, out: str, per_device: int) -> P
     path.write_text(json.dumps({
         "output_dir": str(tmp / out), "model": {"path": str(model)}, "logging": {"report_to": ["none"]},
         "stages": [{"name": "dpo", "kind": "dpo", "data": str(prefs), "eval_split": 0.25, "max_seq_len": 96,
-                    "per_device_batch_size": per_device, "max_steps": 2, "lr": 3e-3, "beta": 0.1}]}))
+                    "per_device_batch_size": per_device, "max_steps": 2, "lr": 1e-4, "beta": 0.1}]}))
     return path
 
 
