@@ -23,7 +23,8 @@ from align.stage import StageContext, StageResult, StopFlag
 from align.stage import TrainingInterrupted
 
 # kind → module with `run(ctx) -> StageResult`; imported only when a stage of that kind runs.
-RUNNERS = {"sft": "align.sft", "reward_model": "align.reward_model", "grpo": "align.grpo.trainer"}
+RUNNERS = {"sft": "align.sft", "reward_model": "align.reward_model", "grpo": "align.grpo.trainer",
+           "dpo": "align.dpo"}
 
 
 @dataclass

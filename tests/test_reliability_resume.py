@@ -1,10 +1,10 @@
 """Exact resume and graceful stop of a real `align train` process, for every stage kind (SFT,
-reward model with LoRA, GRPO).
+reward model with LoRA, GRPO, DPO with precomputed reference log-probs).
 
 One chain per trainer, on CPU with the nano model, saving every step:
   1. the reference: the recipe run uninterrupted;
   2. the same command SIGKILLed at a seeded random step after a checkpoint exists;
-  3. rerun (it resumes from `latest`), then stopped by SIGTERM (GRPO) or SIGINT (SFT, RM): it must save,
+  3. rerun (it resumes from `latest`), then stopped by SIGTERM (GRPO, DPO) or SIGINT (SFT, RM): it must save,
      exit 2 with a message saying how to resume and no traceback, manifest status "stopped";
   4. rerun to the end.
 The final weights and metrics.jsonl (wall-time keys aside) must equal the reference's.
@@ -51,8 +51,17 @@ def _rm_recipe(out: Path, model: Path, data: Path) -> dict:
                         "per_device_batch_size": 4, "save_steps": 1, "logging_steps": 1}]}
 
 
+def _dpo_recipe(out: Path, model: Path, data: Path) -> dict:
+    return {"name": "dpo-resume", "output_dir": str(out), "seed": 0, "model": {"path": str(model)},
+            "stages": [{"name": "dpo", "kind": "dpo", "data": str(data), "eval_split": 0.2, "max_seq_len": 96,
+                        "lr": 3.0e-3, "beta": 0.1, "reference": "precomputed", "max_steps": STEPS,
+                        "per_device_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 1,
+                        "logging_steps": 1}]}
+
+
 TRAINERS = {"sft": ("sft", "math", _sft_recipe, signal.SIGINT),
             "rm": ("rm", "prefs", _rm_recipe, signal.SIGINT),
+            "dpo": ("dpo", "prefs", _dpo_recipe, signal.SIGTERM),
             "grpo": ("rl", "prompts", _grpo_recipe, signal.SIGTERM)}
 
 

@@ -1,4 +1,4 @@
-"""The shared stage loop (align/loop.py): one set of rules for SFT, reward-model and GRPO stages.
+"""The shared stage loop (align/loop.py): one set of rules for SFT, reward-model, GRPO and DPO stages.
 
 Each test runs every stage kind on the nano model, in process, through the kind's real `run`:
   - every stage writes tensorboard events when the recipe asks for them (SFT used not to);
@@ -38,9 +38,14 @@ STAGES = {
                        "rewards": [{"name": "math_accuracy"}, {"name": "format", "normalize": "running"}],
                        "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4, "num_iterations": 2,
                        "lr": 1e-3, "beta": 0.04, "sampling": {"max_new_tokens": 10}},
+    "dpo": lambda d: {"kind": "dpo", "data": str(d / "prefs.jsonl"), "eval_split": 0.2, "max_seq_len": 96,
+                      "lr": 3e-3, "per_device_batch_size": 4, "gradient_accumulation_steps": 2},
+    "dpo_lora_disabled": lambda d: {"kind": "dpo", "data": str(d / "prefs.jsonl"), "eval_split": 0.2,
+                                    "max_seq_len": 96, "lr": 3e-3, "per_device_batch_size": 4, "loss_type": "ipo",
+                                    "reference": "lora_disabled", "lora": {"r": 4, "alpha": 8}},
 }
 STAGES["grpo_dynamic"] = lambda d: {**STAGES["grpo"](d), "dynamic_sampling": {"max_rounds": 3}}
-KINDS = ["sft", "reward_model", "grpo"]
+KINDS = ["sft", "reward_model", "grpo", "dpo"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,8 @@ def test_a_stop_at_the_last_step_finishes_the_stage(kind, model_dir, data, tmp_p
     assert stopped.value.step == 1 and (stopped.value.checkpoint / "trainer_state.json").exists()
 
 
-@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo", "grpo_dynamic"])
+@pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo", "grpo_dynamic", "dpo",
+                                  "dpo_lora_disabled"])
 def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp_path):
     whole = run(context(tmp_path / "whole", model_dir, data, kind, max_steps=3))
     with pytest.raises(TrainingInterrupted) as stopped:
@@ -106,3 +112,18 @@ def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp
     for key, value in before.items():
         assert resumed.summary[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.summary["steps"] == 3
+
+
+@pytest.mark.parametrize("lora, reference", [(None, "frozen_copy"), ({"r": 4, "alpha": 8}, "lora_disabled")])
+def test_dpo_references_train_alike(lora, reference, model_dir, data, tmp_path):
+    """π_ref scored per batch (a frozen copy, or the LoRA policy with its adapter off) trains as the
+    precomputed log-probs do: all three are the starting model."""
+    extra = {"max_steps": 2, **({"lora": lora} if lora else {})}
+    stored = run(context(tmp_path / "pre", model_dir, data, "dpo", reference="precomputed", **extra))
+    scored = run(context(tmp_path / "ref", model_dir, data, "dpo", reference=reference, **extra))
+    assert (tmp_path / "pre" / "s" / "reference_logps.safetensors").exists()
+    a, b = load_file(stored.final / "model.safetensors"), load_file(scored.final / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=f"{reference}: {name} differs")
+    assert scored.summary["eval_rewards/margins (before)"] == pytest.approx(0.0, abs=1e-5)
+    assert scored.summary["eval_rewards/accuracies (after)"] is not None

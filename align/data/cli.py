@@ -1,4 +1,4 @@
-"""`align data check`, `align data convert` and `align data synth`."""
+"""`align data check`, `align data convert`, `align data synth` and `align data pairs`."""
 
 from __future__ import annotations
 
@@ -125,3 +125,30 @@ def synth_cmd(
 
     count = write_rows(generate(kind, n, seed, form=form, safety_share=safety_share, max_operand=max_operand), out)
     typer.echo(f"wrote {count:,} {kind} rows to {out}")
+
+
+@app.command("pairs")
+def pairs_cmd(
+    model: Annotated[Path, typer.Option(help="Policy checkpoint to sample from (e.g. the SFT stage's final/).")],
+    prompts: Annotated[Path, typer.Option(help="Prompt file (the format a GRPO stage reads).")],
+    reward_model: Annotated[Path, typer.Option(help="Reward-model directory (a reward_model stage's final/).")],
+    out: Annotated[Path, typer.Option(help="Preference file to write: .jsonl, .jsonl.gz or .parquet.")],
+    n_samples: Annotated[int, typer.Option(help="Samples per prompt; chosen = highest score, rejected = lowest.")] = 2,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed writes the same file.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion, in tokens.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call (and reward-model batch).")] = 16,
+) -> None:
+    """Sample completions from a checkpoint and label them with a reward model, writing a
+    preference file (prompt, chosen, rejected) for a dpo or reward_model stage."""
+    from align.data.io import write_rows
+    from align.data.pairs import PairStats, sample_pairs
+
+    stats = PairStats()
+    write_rows(sample_pairs(model, prompts, reward_model, n_samples=n_samples, seed=seed, temperature=temperature,
+                            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats), out)
+    typer.echo(f"wrote {stats.pairs:,} pairs to {out} from {stats.prompts:,} prompts ({stats.samples_generated:,} "
+               f"samples; skipped {stats.ties} all-tied, {stats.unusable} identical or empty)")
+    if not stats.pairs:
+        raise typer.Exit(1)

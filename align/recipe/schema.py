@@ -239,6 +239,38 @@ class RewardModelStage(StageBase):
     _coerce_data = field_validator("data", mode="before")(_sources)
 
 
+class DPOStage(StageBase):
+    """Offline preference optimisation (DPO, Rafailov et al. 2023; IPO, Azar et al. 2023) on
+    preference pairs, the same files a reward_model stage reads. Defaults are TRL 1.16's DPOConfig."""
+
+    kind: Literal["dpo"]
+    data: Annotated[list[DataSource], Field(min_length=1)] = Field(description=(
+        "Preference files (prompt, chosen, rejected), as for a reward_model stage; "
+        "`align data pairs` writes them from the policy's own samples."))
+    eval_split: float = Field(0.1, ge=0, lt=1, description="Share of the pairs held out for the eval_ metrics.")
+    max_seq_len: int = Field(1024, gt=8, description=(
+        "Tokens of prompt + answer per side (TRL max_length 1024); longer sequences keep their start, "
+        "pairs whose prompt alone fills it are dropped."))
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (TRL DPOConfig: 1e-6).")
+    beta: float = Field(0.1, gt=0, description=(
+        "β: the strength of the implicit KL to the reference (sigmoid), or IPO's τ (TRL default 0.1)."))
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description=(
+        "sigmoid: DPO's −log σ(β·Δ); ipo: (Δ/len − 1/(2β))² with length-normalised log-ratios (TRL's IPO)."))
+    reference: Literal["precomputed", "frozen_copy", "lora_disabled"] = Field("precomputed", description=(
+        "π_ref = the starting model: its log-probs computed once before training and stored in the stage "
+        "directory (precomputed, no extra memory; TRL precompute_ref_log_probs), a frozen second copy "
+        "scoring every batch, or the LoRA policy with its adapter off."))
+
+    _coerce_data = field_validator("data", mode="before")(_sources)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "DPOStage":
+        if self.reference == "lora_disabled" and self.lora is None:
+            raise ValueError("reference: lora_disabled needs a `lora` section; "
+                             "set reference: precomputed or add lora: {r: 16}")
+        return self
+
+
 class SamplingConfig(Strict):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of the rollouts; the trainer's "
                                                       "log-probs use the same one (TRL default 1.0).")
@@ -411,7 +443,7 @@ class GRPOStage(StageBase):
         return self
 
 
-Stage = Annotated[Union[SFTStage, RewardModelStage, GRPOStage], Field(discriminator="kind")]
+Stage = Annotated[Union[SFTStage, RewardModelStage, GRPOStage, DPOStage], Field(discriminator="kind")]
 
 
 class LoggingConfig(Strict):
