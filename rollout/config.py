@@ -11,20 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 
 class RolloutConfig(BaseModel):
-    """Engine and placement of GRPO rollouts. `mode: server` drives `align rollout serve` workers."""
+    """Engine and placement of GRPO rollouts. `mode: server` drives `align rollout serve` workers
+    (`engine: hf`) or stock `vllm serve` processes (`engine: vllm`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: Literal["hf", "vllm"] = Field("hf", description="`hf` (transformers generate, always available) or `vllm` (needs the vllm extra).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="`hf` (transformers generate, always available) or `vllm` (needs the vllm extra). With mode: server, `hf` drives `align rollout serve --engine hf` workers and `vllm` drives stock `vllm serve` processes (`align rollout serve --engine vllm`).")
     mode: Literal["colocate", "server"] = Field("colocate", description="`colocate`: the engine runs in the trainer's process; `server`: HTTP workers listed in `servers`.")
     servers: list[HttpUrl] = Field(default_factory=list, description="Worker URLs (`http://host:port`) for mode: server.")
+    transfer_address: str = Field("127.0.0.1", description="mode: server, engine: vllm: this trainer's address as the vLLM servers reach it; weights move over a gloo group whose TCP store listens there on a free port. Loopback by default; a private-network address when the servers run on other hosts.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Rollout weights dtype. vLLM's `auto` runs float32 checkpoints in bfloat16; float32 makes rollout logprobs match a float32 trainer to ~1e-6.")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM's share of GPU memory (colocated with training, so keep it low).")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when set, wins).")
     sleep: bool = Field(False, description="Release vLLM memory while training (sleep mode; a no-op where the platform lacks it, e.g. CPU).")
     max_num_seqs: int = Field(256, ge=1, description="vLLM: sequences decoded at once.")
     batch_size: int | None = Field(None, ge=1, description="HF engine: prompts per generate call (whole groups); None = the whole batch.")
-    timeout_s: float = Field(600.0, gt=0, description="mode: server: seconds to wait for one worker request.")
+    timeout_s: float = Field(600.0, gt=0, description="mode: server: seconds to wait for one worker request (and, engine: vllm, for one weight transfer).")
     retries: int = Field(2, ge=0, description="mode: server: extra attempts of a failed request, each on another live worker.")
 
     @model_validator(mode="after")
