@@ -40,7 +40,8 @@ def vllm_serve_command(model: str | Path, host: str, port: int, *, dtype: str = 
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * (1 << 30)))]
     # the server's worker processes import rollout.transfer_gloo: make this checkout importable
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path = os.pathsep.join(paths if str(ROOT) in paths else [str(ROOT), *paths])
     return argv, {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path}
 
 

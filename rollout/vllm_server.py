@@ -221,16 +221,22 @@ class VLLMServers(WorkerPool):
         want = self.reference.logprobs(pairs)
         worst = 0.0
         for url in list(self.live):
-            server = self.servers[url]
-            reported = self._get(url, "/weight_info")["weight_version"]
+            try:
+                reported = self._get(url, "/weight_info")["weight_version"]
+                body = {"prompt": self.reference.tokens, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
+                choice = self._post(url, "/v1/completions", json=body)["choices"][0]
+            except SERVER_GONE as exc:  # died since its sync: it serves no more, nothing to check
+                self.mark_dead(url, exc)
+                continue
             if str(reported) != str(self.weight_version):
                 raise SyncCheckError(f"sync check failed: vLLM server {url} reports weight version {reported!r}, "
                                      f"the trainer pushed version {self.weight_version}: that server missed "
                                      "the update")
-            body = {"prompt": self.reference.tokens, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
-            got = probe_logprobs(self._post(url, "/v1/completions", json=body)["choices"][0],
-                                 self.reference.tokens)
-            worst = max(worst, compare(f"vLLM server {url}", got, want, server.dtype, self.weight_version))
+            got = probe_logprobs(choice, self.reference.tokens)
+            worst = max(worst, compare(f"vLLM server {url}", got, want, self.servers[url].dtype,
+                                       self.weight_version))
+        if not self.live:
+            raise self.no_worker_left("sync check")
         self.stats["sync_check_gap"] = worst
         return worst
 
