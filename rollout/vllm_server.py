@@ -1,0 +1,273 @@
+"""Stock `vllm serve` processes as one `RolloutEngine` (`rollout: {mode: server, engine: vllm}`).
+
+Everything goes through vLLM's own routes (`VLLM_SERVER_DEV_MODE=1`):
+- generation: `/v1/completions` with the prompt as token ids, one request per sample with its own
+  seed (`seed + prompt_index * n + k`, as the colocated engine; vLLM gives `n > 1` children the
+  parent's seed), `logprobs: 0` and `return_token_ids`. The server must run with
+  `--logprobs-mode processed_logprobs` (the sampled token's log softmax(logits / T), what the
+  trainer recomputes); this is checked at connect.
+- weights: `/pause` → `/start_weight_update` → `/update_weights` → `/finish_weight_update` →
+  `/update_weight_version` → `/resume`, the tensors moving through a vLLM weight-transfer engine
+  (the `gloo` engine of `rollout.transfer_gloo` on CPU), one group per server between the trainer
+  (rank 0) and that server's workers. No weights travel in HTTP bodies.
+- after every sync, each server's `/weight_info` must report the new version, and the sync check
+  (`rollout.sync_check`) compares its prompt logprobs of a fixed probe with the trainer's.
+- at connect, a server that holds weights pushed by an earlier run (its version is not vLLM's
+  `default`) reloads its checkpoint from disk (`/collective_rpc align_reload_checkpoint`, a
+  method of align's worker extension), so the first rollout uses the model the trainer starts
+  from, as it does with fresh servers.
+
+Failover (`rollout.pool`): a run whose server fails goes to another live server; a server that
+fails a sync is dead (its weights would be stale). At every sync the dead servers are asked for
+`/health` again; one that answers (restarted, or back on the network) joins a new transfer group
+and receives this sync's weights before it serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from align.errors import AlignError
+from rollout.base import Sample, SamplingParams
+from rollout.pool import UNREACHABLE, WorkerPool, raise_for_refusal
+from rollout.sync_check import ProbeReference, SyncCheckError, compare
+
+START_HINT = "align rollout serve --engine vllm"
+BACKEND = "gloo"
+FROM_DISK = "default"  # vLLM's weight version before any update: the checkpoint it loaded
+# a sync failing with these lost its server: unreachable (httpx, or requests inside vLLM's HTTP
+# client: OSError), a 5xx, or a transfer group broken by a peer that died (RuntimeError from gloo)
+SERVER_GONE = (httpx.HTTPError, OSError, RuntimeError)
+
+
+def completion_body(prompt: list[int], sampling: SamplingParams, seed: int) -> dict:
+    """One `/v1/completions` request: token ids in, token ids and sampled logprobs out."""
+    return {"prompt": list(prompt), "n": 1, "max_tokens": sampling.max_new_tokens,
+            "temperature": max(sampling.temperature, 0.0), "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "stop": list(sampling.stop), "seed": seed, "logprobs": 0 if sampling.logprobs else None,
+            "return_token_ids": True}
+
+
+def sample_from_choice(choice: dict, version: int) -> Sample:
+    logprobs = choice.get("logprobs")
+    return Sample(list(choice["token_ids"]), None if logprobs is None else list(logprobs["token_logprobs"]),
+                  "stop" if choice["finish_reason"] == "stop" else "length", weight_version=version)
+
+
+def probe_logprobs(choice: dict, tokens: list[int]) -> list[float]:
+    """The probe's own tokens' logprobs from vLLM's `prompt_logprobs` (position 0 has none)."""
+    rows = choice["prompt_logprobs"][1:]
+    return [row[str(t)]["logprob"] for row, t in zip(rows, tokens[1:], strict=True)]
+
+
+class Server:
+    """One `vllm serve` process: its settings, its transfer engine and its weight version."""
+
+    def __init__(self, url: str, info: dict, world_size: int):
+        config = info["vllm_config"]
+        self.url = url
+        self.dtype = str(config["model_config"]["dtype"]).removeprefix("torch.")
+        self.world_size = world_size
+        self.transfer = None  # trainer side of the weight-transfer group (rollout.transfer_gloo)
+        self.version = 0
+
+
+class VLLMServers(WorkerPool):
+    """`RolloutEngine` over stock `vllm serve` processes started with align's gloo transfer engine."""
+
+    supports_sleep = False  # the servers' memory is not the trainer's: nothing to release here
+
+    def __init__(self, urls: list[str], model_dir: str | Path, *, timeout_s: float = 600.0, retries: int = 2,
+                 transfer_address: str = "127.0.0.1", record_routes: bool = False):
+        super().__init__(urls, retries, START_HINT)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise AlignError("rollout.mode: server with engine: vllm drives the servers from one trainer process; "
+                             f"this run has {torch.distributed.get_world_size()} ranks. Train on one rank, or "
+                             "use rollout.engine: hf servers")
+        if record_routes:
+            raise AlignError("routing_replay with rollout.engine: vllm, mode: server: stock vLLM returns expert "
+                             "routes only with enable_return_routed_experts (model runner V2 and Triton; not on "
+                             "CPU), which align does not drive yet. Use `align rollout serve --engine hf` workers "
+                             "(rollout.engine: hf), or set routing_replay: false")
+        self.timeout_s = timeout_s
+        self.transfer_address = transfer_address
+        self.reference = ProbeReference(model_dir)
+        self.sync_s = 0.0
+        self.stats.update({"syncs": 0, "readmitted": 0, "sync_check_gap": 0.0})
+        self._http = httpx.Client(timeout=timeout_s)
+        self.servers: dict[str, Server] = {}
+        for url in self.urls:
+            try:
+                self.servers[url] = self._connect(url)
+            except SERVER_GONE as exc:  # down at start: it joins at a sync once it answers
+                self.mark_dead(url, exc)
+        if not self.live:
+            raise self.no_worker_left("connect")
+
+    # ------------------------------------------------------------------ control plane
+
+    def _get(self, url: str, path: str, **params) -> dict:
+        response = self._http.get(url + path, params=params)
+        raise_for_refusal(url, path, response)
+        return response.json()
+
+    def _post(self, url: str, path: str, json: dict | None = None, **params) -> dict:
+        response = self._http.post(url + path, json=json, params=params)
+        raise_for_refusal(url, path, response)
+        return response.json()
+
+    def _connect(self, url: str) -> Server:
+        """Read the server's settings (refusing one that cannot serve a GRPO run correctly) and
+        join it in a new weight-transfer group."""
+        try:
+            info = self._get(url, "/server_info", config_format="json")
+        except AlignError as exc:
+            raise AlignError(f"{url}: no /server_info ({exc}); start the server with VLLM_SERVER_DEV_MODE=1 "
+                             f"(`{START_HINT}` does)") from exc
+        config = info["vllm_config"]
+        transfer = config.get("weight_transfer_config") or {}
+        if transfer.get("backend") != BACKEND:
+            raise AlignError(f"{url}: weight transfer backend is {transfer.get('backend')!r}, align sends over "
+                             f"{BACKEND!r}: start it with --weight-transfer-config '{{\"backend\": \"{BACKEND}\"}}' "
+                             "--worker-extension-cls rollout.transfer_gloo.GlooWorkerExtension "
+                             f"(`{START_HINT}` does)")
+        mode = config["model_config"].get("logprobs_mode")
+        if mode != "processed_logprobs":
+            raise AlignError(f"{url}: logprobs_mode is {mode!r}; the trainer needs the log-probability of "
+                             "the sampled token at the sampling temperature: start it with --logprobs-mode "
+                             f"processed_logprobs (`{START_HINT}` does)")
+        server = Server(url, info, self._get(url, "/get_world_size")["world_size"])
+        if self._get(url, "/weight_info")["weight_version"] != FROM_DISK:  # another run's weights
+            self._post(url, "/collective_rpc", json={"method": "align_reload_checkpoint"})
+            self._post(url, "/reset_prefix_cache")
+            self._post(url, "/update_weight_version", json={"new_version": FROM_DISK})
+        self._init_transfer(server)
+        return server
+
+    def _init_transfer(self, server: Server) -> None:
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from rollout.transfer_gloo import GlooTrainerInitInfo, RoundSource
+
+        info = GlooTrainerInitInfo(rank=0, master_address=self.transfer_address,
+                                   server_world_size=server.world_size, timeout_s=self.timeout_s)
+        server.transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=HTTPVLLMWeightSyncClient(server.url, timeout=self.timeout_s), source=RoundSource())
+
+    def _sync_one(self, server: Server, pairs: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Pause, move the weights, label them, resume. Any failure leaves the server dead."""
+        self._post(server.url, "/pause", mode="wait")  # clears the prefix cache of the old weights
+        server.transfer.source.set(pairs)
+        try:
+            server.transfer.send_weights()
+        finally:
+            server.transfer.source.set([])  # hold no reference to the trainer's tensors
+        self._post(server.url, "/update_weight_version", json={"new_version": str(version)})
+        self._post(server.url, "/resume")
+
+    def _revive(self) -> None:
+        """Dead servers that answer /health again rejoin, to be synced before they serve."""
+        for url in [u for u in self.urls if u not in self.live]:
+            try:
+                if self._http.get(url + "/health", timeout=5).status_code != 200:
+                    continue
+                self.servers[url] = self._connect(url)  # a restarted server: new settings, new group
+            except (*UNREACHABLE, httpx.HTTPStatusError, AlignError):
+                continue
+            self.live.append(url)
+            self.stats["readmitted"] += 1
+
+    # ------------------------------------------------------------------ RolloutEngine
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Sync every live server (dead ones that came back included), then check each serves them."""
+        pairs = [(name, tensor.detach()) for name, tensor in named_tensors]
+        self.push(pairs)
+        self.check_sync(pairs)
+
+    def push(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """The sync without its check: every live server gets `pairs` as the next weight version."""
+        version = self.weight_version + 1
+        start = time.perf_counter()
+        self._revive()
+        servers = [self.servers[u] for u in self.live]
+        with ThreadPoolExecutor(max_workers=len(servers) or 1) as pool:
+            futures = {s.url: pool.submit(self._sync_one, s, pairs, version) for s in servers}
+        for server in servers:
+            error = futures[server.url].exception()
+            if error is None:
+                server.version = version
+            elif isinstance(error, SERVER_GONE):  # the server's weights are stale: it serves no more
+                self.mark_dead(server.url, error)
+            else:  # a refused request (AlignError) or a bug: every server would fail alike
+                raise error
+        if not self.live:
+            raise self.no_worker_left("update_weights")
+        self.weight_version = version
+        self.sync_s = time.perf_counter() - start
+        self.stats["syncs"] += 1
+
+    def check_sync(self, pairs: list[tuple[str, torch.Tensor]]) -> float:
+        """Every live server reports this version and scores the probe like the pushed weights do;
+        else SyncCheckError naming the server and the gap. Returns the largest mean gap."""
+        want = self.reference.logprobs(pairs)
+        worst = 0.0
+        for url in list(self.live):
+            try:
+                reported = self._get(url, "/weight_info")["weight_version"]
+                body = {"prompt": self.reference.tokens, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
+                choice = self._post(url, "/v1/completions", json=body)["choices"][0]
+            except SERVER_GONE as exc:  # died since its sync: it serves no more, nothing to check
+                self.mark_dead(url, exc)
+                continue
+            if str(reported) != str(self.weight_version):
+                raise SyncCheckError(f"sync check failed: vLLM server {url} reports weight version {reported!r}, "
+                                     f"the trainer pushed version {self.weight_version}: that server missed "
+                                     "the update")
+            got = probe_logprobs(choice, self.reference.tokens)
+            worst = max(worst, compare(f"vLLM server {url}", got, want, self.servers[url].dtype,
+                                       self.weight_version))
+        if not self.live:
+            raise self.no_worker_left("sync check")
+        self.stats["sync_check_gap"] = worst
+        return worst
+
+    async def _generate_on(self, http: httpx.AsyncClient, url: str, first: int, prompts: list[list[int]], n: int,
+                           sampling: SamplingParams) -> list[list[Sample]]:
+        version = self.servers[url].version
+
+        async def one(prompt: list[int], seed: int) -> Sample:
+            response = await http.post(url + "/v1/completions", json=completion_body(prompt, sampling, seed))
+            raise_for_refusal(url, "/v1/completions", response)
+            return sample_from_choice(response.json()["choices"][0], version)
+
+        samples = await asyncio.gather(*(one(p, sampling.seed + (first + i) * n + k)
+                                         for i, p in enumerate(prompts) for k in range(n)))
+        return [list(samples[i * n:(i + 1) * n]) for i in range(len(prompts))]
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int,
+                 sampling: SamplingParams) -> list[list[Sample]]:
+        if any(len(p) == 0 for p in prompt_token_ids):
+            raise AlignError("generate: empty prompt; every prompt needs at least one token")
+        groups = self.spread(len(prompt_token_ids), lambda http, url, a, b: self._generate_on(
+            http, url, a, prompt_token_ids[a:b], n, sampling), self.timeout_s)
+        self.count([s for g in groups for s in g])
+        return groups
+
+    def sleep(self) -> None:
+        """No-op: see supports_sleep."""
+
+    def wake(self) -> None:
+        """No-op: see supports_sleep."""
+
+    def versions(self) -> dict[str, str]:
+        """The weight version each live server reports (`/weight_info`)."""
+        return {u: self._get(u, "/weight_info")["weight_version"] for u in self.live}
