@@ -28,8 +28,6 @@ from rollout.wire import pack_weights, sample_from_json, sampling_to_json
 class RemoteEngines(WorkerPool):
     """`RolloutEngine` over HTTP rollout workers."""
 
-    supports_sleep = True
-
     def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2,
                  record_routes: bool = False):
         super().__init__(urls, retries, "align rollout serve")
@@ -85,6 +83,3 @@ class RemoteEngines(WorkerPool):
         if not self.live:
             raise self.no_worker_left(path.lstrip("/"))
 
-    def health(self) -> list[dict]:
-        """/health of every live worker (model, engine, weight_version)."""
-        return [self._http.get(u + "/health").json() for u in self.live]

@@ -167,8 +167,6 @@ class HFEngine:
         model = load_causal_lm(model_dir, dtype=dtype)  # safetensors only, no remote code
         return cls(model.to(device).eval(), load_tokenizer(model_dir), batch_size, record_routes)
 
-    supports_sleep = False  # the model is the trainer's (or tiny); nothing to release
-
     def sleep(self) -> None:
         """No-op: HF generate holds no state between calls."""
 

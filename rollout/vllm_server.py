@@ -82,8 +82,6 @@ class Server:
 class VLLMServers(WorkerPool):
     """`RolloutEngine` over stock `vllm serve` processes started with align's gloo transfer engine."""
 
-    supports_sleep = False  # the servers' memory is not the trainer's: nothing to release here
-
     def __init__(self, urls: list[str], model_dir: str | Path, *, timeout_s: float = 600.0, retries: int = 2,
                  transfer_address: str = "127.0.0.1", record_routes: bool = False):
         super().__init__(urls, retries, START_HINT)
@@ -263,10 +261,10 @@ class VLLMServers(WorkerPool):
         return groups
 
     def sleep(self) -> None:
-        """No-op: see supports_sleep."""
+        """No-op: the servers' memory is not the trainer's, so nothing is released here."""
 
     def wake(self) -> None:
-        """No-op: see supports_sleep."""
+        """No-op (see `sleep`)."""
 
     def versions(self) -> dict[str, str]:
         """The weight version each live server reports (`/weight_info`)."""

@@ -81,7 +81,7 @@ def test_update_weights_reaches_both_workers(workers, local, prompts):
             p.add_(torch.randn_like(p) * 0.2, alpha=1.0)
     before = client.generate(prompts, 1, GREEDY)
     client.update_weights(local.model.state_dict().items())
-    assert [h["weight_version"] for h in client.health()] == [1, 1]
+    assert [httpx.get(url + "/health").json()["weight_version"] for _, url in workers] == [1, 1]
     after = client.generate(prompts, 1, GREEDY)
     want = local.generate(prompts, 1, GREEDY)
     assert [g[0].completion_ids for g in after] == [g[0].completion_ids for g in want]
