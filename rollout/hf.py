@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
+from align.weights import live_weights
 from rollout.base import Sample, SamplingParams
 
 
@@ -100,38 +101,6 @@ def sampling_warpers(sampling: SamplingParams) -> list:
     return warpers
 
 
-def to_model_names(model, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Checkpoint-format weights (MoE experts unfused, what `save_pretrained` writes, vLLM loads and
-    the trainer pushes) -> the live model's names and shapes (transformers 5 fuses experts into
-    `mlp.experts.gate_up_proj` at load), by transformers' own load-time conversion. Names already
-    in the model's format pass through unchanged (same tensors)."""
-    from copy import deepcopy
-
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming,
-                                                 dot_natural_key, rename_source_key)
-
-    transforms = getattr(model, "_weight_conversions", None)
-    if transforms is None:  # built from a config, not from_pretrained: as revert_weight_conversion does
-        transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False)
-                      if not isinstance(t, PrefixChange)]
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-    out: dict[str, torch.Tensor] = {}
-    merges: dict[str, WeightConverter] = {}  # fused target name -> converter collecting its sources
-    for name, tensor in sorted(named_tensors, key=lambda kv: dot_natural_key(kv[0])):
-        target, pattern = rename_source_key(name, renamings, converters)
-        if pattern is None:
-            out[target] = tensor
-        else:
-            merges.setdefault(target, deepcopy(by_pattern[pattern])).add_tensor(target, name, pattern, tensor)
-    for target, converter in merges.items():
-        for name, value in converter.convert(target, model=model, config=model.config).items():
-            out[name] = value[0] if isinstance(value, list) else value
-    return out
-
-
 class HFEngine:
     """`RolloutEngine` over a transformers causal LM, in memory or loaded from a directory.
 
@@ -177,7 +146,7 @@ class HFEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Accepts the model's own names or checkpoint names (MoE experts unfused, as pushed to vLLM)."""
         state = self.model.state_dict()
-        for name, tensor in to_model_names(self.model, named_tensors).items():
+        for name, tensor in live_weights(self.model, named_tensors).items():
             if name not in state:
                 raise AlignError(f"update_weights: {name!r} is not a weight of "
                                  f"{type(self.model).__name__}; send HF parameter names (merge LoRA first)")

@@ -71,9 +71,9 @@ class ProbeReference:
         """log p(token t | tokens < t) for t = 1 .. PROBE_LEN-1."""
         from torch.func import functional_call
 
-        from rollout.hf import to_model_names
+        from align.weights import live_weights
 
-        params = to_model_names(self.skeleton, named_tensors)
+        params = live_weights(self.skeleton, named_tensors)
         missing = [n for n, _ in self.skeleton.named_parameters() if n not in params]
         if missing:
             raise AlignError(f"sync check: the pushed weights lack {missing[:3]} ({len(missing)} in all); "
