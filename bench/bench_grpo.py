@@ -33,9 +33,12 @@ def diversity(prompts, completions, **kwargs):
 
 
 def bench_ours(root: Path, model: Path, prompts: Path, args) -> list[float]:
+    import torch
+
     from align.grpo.trainer import GRPOTrainer
     from align.recipe.load import load_recipe
     from align.stage import StageContext
+    from align.train_utils import NonFiniteGuard, make_accelerator
 
     recipe_path = root / "ours.yaml"
     recipe_path.write_text(json.dumps({
@@ -47,12 +50,13 @@ def bench_ours(root: Path, model: Path, prompts: Path, args) -> list[float]:
                     "lr": 1e-5, "beta": args.beta, "sampling": {"max_new_tokens": args.new_tokens}}]}))
     recipe = load_recipe(recipe_path)
     stage = recipe.stages[0]
-    trainer = GRPOTrainer(StageContext(recipe=recipe, stage=stage, stage_dir=root / "ours/rl", init_model=model))
+    torch.manual_seed(recipe.stage_seed(stage))  # as the stage loop seeds before building
+    ctx = StageContext(recipe=recipe, stage=stage, stage_dir=root / "ours/rl", init_model=model)
+    trainer = GRPOTrainer(ctx, make_accelerator(stage), NonFiniteGuard())
     times = []
-    for _ in range(args.steps + 1):
+    for step in range(args.steps + 1):
         start = time.perf_counter()
-        trainer.train_step()
-        trainer.step += 1
+        trainer.train_step(step, log=True)
         times.append(time.perf_counter() - start)
     return times[1:]  # first step warms up
 

@@ -55,7 +55,7 @@ def stop(started: list[tuple[subprocess.Popen, str]]) -> None:
 def grpo(model_dir: Path, rollout: dict, args) -> list[dict]:
     from rich.console import Console
 
-    from align.config import Recipe
+    from align.recipe.schema import Recipe
     from align.data.io import write_jsonl
     from align.data.synth import generate
     from align.pipeline import run_pipeline

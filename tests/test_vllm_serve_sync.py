@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.models.load import load_causal_lm
-from align.moe import checkpoint_weights
+from align.weights import checkpoint_weights
 from rollout.gloo_group import GroupLayout, listen_socket, open_group, receive_groups, send_groups
 from rollout.sync_check import PROBE_LEN, ProbeReference, SyncCheckError, compare, probe_tokens
 
