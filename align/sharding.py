@@ -43,6 +43,29 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def resolve_strategy(distributed, accelerator=None) -> str:
+    """The recipe's `distributed.strategy`, or "fsdp2" when the run was launched with accelerate's
+    FSDP2 config (recipes/accelerate/fsdp2.yaml): align then shards the model itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise AlignError("accelerate config: fsdp_version 1 is not supported; use fsdp_version: 2 "
+                             "(recipes/accelerate/fsdp2.yaml) or distributed.strategy: fsdp2")
+        return "fsdp2"
+    return distributed.strategy
+
+
+def shard_for_stage(model: nn.Module, distributed, stage, accelerator) -> nn.Module:
+    """What a stage calls instead of `accelerator.prepare(model)` under fsdp2: shard on the
+    accelerator's device, gathering layers in bfloat16 when the stage trains in bf16."""
+    from align.train_utils import resolve_mixed_precision
+
+    dtype = torch.bfloat16 if resolve_mixed_precision(stage.bf16) == "bf16" else None
+    return shard_model(model, accelerator.device, reshard_after_forward=distributed.reshard_after_forward,
+                       param_dtype=dtype)
+
+
 def device_mesh(device: torch.device | str):
     """The 1-D mesh over all ranks of the default process group, on `device`'s type (cpu: gloo)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -140,7 +163,7 @@ def gather_to_rank0(value: torch.Tensor) -> torch.Tensor | None:
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """peft LoRA layers by their state-dict prefix; only plain LoRA on Linear can be merged here."""
+    """peft LoRA layers (Linear layers and `ParamWrapper`s of MoE expert tensors) by module name."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -155,32 +178,23 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _merge_lora(layer: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter: str) -> torch.Tensor:
-    """`weight` + the adapter's delta, computed as peft's `get_delta_weight` + `merge` do (same
-    operations, so the result is bitwise what `merge_adapter` writes)."""
-    from peft.utils.other import transpose
-
-    cast = b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16)
-    delta = transpose((b.float() @ a.float()) if cast else (b @ a), layer.fan_in_fan_out) * layer.scaling[adapter]
-    return weight + (delta.to(b.dtype) if cast else delta)
-
-
-def _lora_owner(key: str, lora: dict[str, nn.Module]) -> str | None:
-    """The LoRA layer a state-dict key belongs to (its base weight or an adapter matrix), or None."""
-    for part in (".base_layer.", ".lora_A.", ".lora_B."):
-        prefix = key.split(part, 1)[0]
-        if part in key and prefix in lora:
+def _owner(key: str, lora: dict[str, nn.Module]) -> str | None:
+    """The outermost LoRA layer whose tensors include `key` (its base weight or adapters), or None."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if prefix in lora:
             return prefix
     return None
 
 
 def _units(keys: list[str], lora: dict[str, nn.Module]) -> Iterator[list[str]]:
-    """State-dict keys in order, bundled so that a LoRA layer's base weight and adapter matrices
-    arrive together (they are merged into one tensor); every other key is a unit of its own."""
+    """State-dict keys in order, bundled so that everything under one LoRA layer (base tensors and
+    adapter matrices, nested wrappers included) arrives together; other keys are units of one."""
     bundle: list[str] = []
     owner = None
     for key in keys:
-        current = _lora_owner(key, lora)
+        current = _owner(key, lora)
         if bundle and (current is None or current != owner):
             yield bundle
             bundle = []
@@ -190,21 +204,40 @@ def _units(keys: list[str], lora: dict[str, nn.Module]) -> Iterator[list[str]]:
         yield bundle
 
 
-def _unit_weights(keys: list[str], full: dict[str, torch.Tensor], lora: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """One unit's full tensors under the base model's names, its LoRA adapter merged in."""
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        if ".lora_A." in key or ".lora_B." in key or ".original_module." in key:
-            continue  # merged below / superseded by the trained `modules_to_save` copy
-        tensor = full[key]
-        if key.endswith(".base_layer.weight"):
-            prefix = key[: -len(".base_layer.weight")]
-            layer = lora[prefix]
-            for adapter in layer.active_adapters:
-                a, b = full[f"{prefix}.lora_A.{adapter}.weight"], full[f"{prefix}.lora_B.{adapter}.weight"]
-                tensor = _merge_lora(layer, tensor, a, b, adapter)
-        out[hf_name(key)] = tensor
-    return out
+@contextmanager
+def _full_adapter(layer: nn.Module, prefix: str, adapter: str, full: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Give `layer`'s adapter matrices their full (gathered) tensors for the length of a
+    `get_delta_weight` call, so peft's own maths computes the delta."""
+    mods = [(layer.lora_A[adapter], f"{prefix}.lora_A.{adapter}.weight"),
+            (layer.lora_B[adapter], f"{prefix}.lora_B.{adapter}.weight")]
+    saved = [m._parameters["weight"] for m, _ in mods]
+    try:
+        for m, key in mods:
+            m._parameters["weight"] = full[key]
+        yield
+    finally:
+        for (m, _), param in zip(mods, saved):
+            m._parameters["weight"] = param
+
+
+def _unit_weights(keys: list[str], full: dict[str, torch.Tensor], lora: dict[str, nn.Module],
+                  key_of: dict[int, str]) -> dict[str, torch.Tensor]:
+    """One unit's full tensors under the base model's names, LoRA adapters merged in as peft's
+    `merge_adapter` does (`weight + get_delta_weight(adapter)`: bitwise the same result)."""
+    merged = dict(full)
+    owner = _owner(keys[0], lora)
+    for prefix, layer in lora.items():
+        if owner is None or not (prefix == owner or prefix.startswith(owner + ".")):
+            continue
+        target = layer.get_param() if hasattr(layer, "parameter_name") else layer.get_base_layer().weight
+        name = key_of[id(target)]
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                with _full_adapter(layer, prefix, adapter, full):
+                    merged[name] = merged[name] + layer.get_delta_weight(adapter)
+    return {hf_name(k): v for k, v in merged.items()
+            # adapters are merged; `original_module` is superseded by the trained modules_to_save copy
+            if ".lora_A." not in k and ".lora_B." not in k and ".original_module." not in k}
 
 
 def hf_name(key: str) -> str:
@@ -230,6 +263,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES,
     state = model.state_dict(keep_vars=True)  # keep_vars: tied names map to one Parameter object
     lora = _lora_layers(model)
     is_dst = not dist.is_initialized() or dist.get_rank() == 0
+    key_of = {id(v): k for k, v in reversed(state.items())}  # first name of each tensor
     uses = Counter(id(v) for v in state.values())
     gathered: dict[int, torch.Tensor | None] = {}  # id of a tensor -> its full tensor, while still needed
     group: list[tuple[str, torch.Tensor]] = []
@@ -246,7 +280,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES,
                 del gathered[ident]
         size += sum(state[k].numel() * state[k].element_size() for k in keys)  # global sizes: same on every rank
         if is_dst:
-            group.extend(revert_weight_conversion(base, _unit_weights(keys, full, lora)).items())
+            group.extend(revert_weight_conversion(base, _unit_weights(keys, full, lora, key_of)).items())
         if size >= group_bytes:
             yield group
             group, size = [], 0

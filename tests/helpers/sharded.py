@@ -21,11 +21,14 @@ from safetensors.torch import save_file
 
 from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from align.offload import Offloader
-from align.sharding import clip_grad_norm, gathered_weights, shard_model
-from align.train_utils import apply_lora, build_optimizer, build_scheduler
+from align.config import DistributedConfig
+from align.sharding import clip_grad_norm, gathered_weights, resolve_strategy, shard_for_stage
+from align.train_utils import apply_lora, build_optimizer, build_scheduler, make_accelerator
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
-STAGE = SimpleNamespace(lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, scheduler="linear", max_grad_norm=1.0)
+STAGE = SimpleNamespace(lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, scheduler="linear", max_grad_norm=1.0,
+                        bf16=False)
+DISTRIBUTED = DistributedConfig(strategy="fsdp2")
 LORA = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
 SMALL_GROUP = 64 * 1024  # bytes: forces many groups out of a 0.2M-parameter model
 
@@ -110,16 +113,17 @@ def gathered_check(model, model_dir: str, lora: bool, full: dict | None) -> dict
     return report
 
 
-def run(args: dict) -> None:
+def run(args: dict, acc=None) -> None:
+    """Train; `acc` is the accelerator of a torchrun child (None: one process, unsharded)."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    sharded = dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    sharded = acc is not None and resolve_strategy(DISTRIBUTED, acc) == "fsdp2"
+    rank, world = (acc.process_index, acc.num_processes) if sharded else (0, 1)
     out = Path(args["out"])
     model = build(args["model_dir"], args["lora"])
     if sharded:
-        shard_model(model, "cpu")
+        shard_for_stage(model, DISTRIBUTED, STAGE, acc)
     opt = build_optimizer(model, STAGE)
     sched = build_scheduler(opt, STAGE, STEPS)
     data = batches(model.config.vocab_size)
@@ -138,14 +142,15 @@ def run(args: dict) -> None:
         opt.zero_grad(set_to_none=True)
         if args.get("kill_after") == step + 1:
             save_checkpoint(out / "stage", step + 1, model=model, tokenizer=None, optimizer=opt, scheduler=sched,
-                            state={"marker": step + 1})
+                            state={"marker": step + 1}, accelerator=acc)
             os.kill(os.getpid(), signal.SIGKILL)
     full = full_state(model) if sharded else {k: v.detach() for k, v in model.state_dict().items()}
     if rank == 0:
         save_file({k: v.clone().contiguous() for k, v in full.items()}, out / "weights.safetensors")
     if args.get("checks"):
         report["gathered"] = gathered_check(model, args["model_dir"], args["lora"], full if rank == 0 else None)
-        save_final(out / "stage", model=model, tokenizer=AutoTokenizer.from_pretrained(args["model_dir"]))
+        save_final(out / "stage", model=model, tokenizer=AutoTokenizer.from_pretrained(args["model_dir"]),
+                   accelerator=acc)
     (out / f"report{rank}.json").write_text(json.dumps(report))
 
 
@@ -159,8 +164,9 @@ def full_state(model) -> dict | None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    accelerator = make_accelerator(STAGE)  # what the stages do: cpu=True, so torchrun's ranks form a gloo group
+    assert accelerator.num_processes == 2, accelerator.state
     try:
-        run(json.loads(sys.argv[1]))
+        run(json.loads(sys.argv[1]), accelerator)
     finally:
         dist.destroy_process_group()
