@@ -258,9 +258,10 @@ def _sharded_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict | None
     return msd, osd
 
 
-def _flat_tensors(msd: dict, osd: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """One flat name -> tensor dict for DCP, and the JSON-able rest of the optimizer state."""
-    flat = {_MODEL + k: v for k, v in msd.items()}
+def _flat_tensors(msd: dict, osd: dict | None, aliases: set[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One flat name -> tensor dict for DCP (a tied head, stored under `aliases`, left out: it is
+    the embedding), and the JSON-able rest of the optimizer state. DCP loads into these tensors."""
+    flat = {_MODEL + k: v for k, v in msd.items() if k not in aliases}
     scalars: dict[str, dict[str, Any]] = {}
     for fqn, entry in (osd or {}).get("state", {}).items():
         for key, value in entry.items():
@@ -278,7 +279,7 @@ def save_shards(path: Path, model: torch.nn.Module, optimizer) -> dict:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     msd, osd = _sharded_state(model, optimizer)
-    flat, opt_meta = _flat_tensors(msd, osd)
+    flat, opt_meta = _flat_tensors(msd, osd, tied_aliases(model))
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
     out: dict[str, Any] = {"sharded": {"format": "dcp-safetensors", "world_size": dist.get_world_size()}}
     if opt_meta:
@@ -288,23 +289,21 @@ def save_shards(path: Path, model: torch.nn.Module, optimizer) -> dict:
 
 def load_shards(path: Path, model: torch.nn.Module, optimizer, opt_meta: dict | None) -> None:
     """Load the shards `save_shards` wrote into an already sharded `model` (and `optimizer`),
-    in place and bitwise; any number of ranks (a collective)."""
+    bitwise, on any number of ranks (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     msd, osd = _sharded_state(model, optimizer)  # templates; an empty optimizer state is initialised
-    flat, _ = _flat_tensors(msd, osd)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)))
+    flat, _ = _flat_tensors(msd, osd, tied_aliases(model))
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)))  # into msd's / osd's tensors
     options = StateDictOptions(ignore_frozen_params=True)
-    set_model_state_dict(model, {k: flat[_MODEL + k] for k in msd}, options=options)
+    set_model_state_dict(model, msd, options=options)
     if optimizer is not None:
-        state = {fqn: {k: flat[f"{_OPTIM}{fqn}::{k}"] if torch.is_tensor(v) else v for k, v in entry.items()}
-                 for fqn, entry in osd["state"].items()}
         for fqn, entry in opt_meta["scalars"].items():
-            state.setdefault(fqn, {}).update(entry)
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": opt_meta["param_groups"]},
+            osd["state"].setdefault(fqn, {}).update(entry)
+        set_optimizer_state_dict(model, optimizer, {"state": osd["state"], "param_groups": opt_meta["param_groups"]},
                                  options=options)
 
 
@@ -436,7 +435,7 @@ def save_gathered(out: Path, model: torch.nn.Module, tokenizer, *, merge_lora: b
                 tokenizer.save_pretrained(out)
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    aliases = tied_aliases(base)
+    aliases = {hf_name(n) for n in tied_aliases(base)}
     files: list[list[str]] = []  # tensor names of each written part
     error: BaseException | None = None
     if is_main:
@@ -469,7 +468,7 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     aliases = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
-            aliases.add(hf_name(name))
+            aliases.add(name)
         seen.add(id(p))
     return aliases
 

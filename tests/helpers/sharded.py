@@ -113,7 +113,7 @@ def gathered_check(model, model_dir: str, lora: bool, full: dict | None) -> dict
     return report
 
 
-def run(args: dict, acc=None) -> None:
+def run(args: dict, acc=None):
     """Train; `acc` is the accelerator of a torchrun child (None: one process, unsharded)."""
     from transformers import AutoTokenizer
 
@@ -152,6 +152,7 @@ def run(args: dict, acc=None) -> None:
         save_final(out / "stage", model=model, tokenizer=AutoTokenizer.from_pretrained(args["model_dir"]),
                    accelerator=acc)
     (out / f"report{rank}.json").write_text(json.dumps(report))
+    return model
 
 
 def full_state(model) -> dict | None:
