@@ -96,10 +96,11 @@ def shard_model(model: nn.Module, device: torch.device | str, *, reshard_after_f
     """Shard `model` in place across all ranks: each decoder layer is its own FSDP unit, the rest
     (embeddings, final norm, head; tied embeddings stay one parameter) the root's. Parameters stay
     in their dtype; `param_dtype` (e.g. bfloat16) is the dtype layers are gathered and computed in,
-    gradients are reduced in float32. Call before building the optimizer."""
+    gradients are reduced in float32. Call before building the optimizer. A model still on the
+    CPU is moved to `device` unit by unit as it is sharded (fully_shard does it), so a GPU never
+    holds more than one whole layer."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
     mesh = device_mesh(device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in decoder_layers(model):

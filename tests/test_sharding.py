@@ -86,11 +86,21 @@ def test_two_sharded_ranks_equal_one_process(variant, sharded_run, tmp_path):
 
     final = AutoModelForCausalLM.from_pretrained(out / "stage/final", dtype=torch.float32)
     want = dict(policy_weights(single))  # the one-process model, merged and named as HF checkpoints
-    got = final.state_dict()
+    got = dict(policy_weights(final))
+    assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         assert float((got[name] - tensor).abs().max()) < 1e-5, name
     if final.config.tie_word_embeddings:
         assert final.lm_head.weight.data_ptr() == final.model.embed_tokens.weight.data_ptr()
+    if lora:  # the adapter saved alone from the shards loads with peft and equals one process
+        from peft import PeftModel
+
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                            out / "adapter/final")
+        assert not list((out / "adapter/final").glob("model*.safetensors"))
+        mine, theirs = adapter.state_dict(), single.state_dict()
+        assert mine.keys() == theirs.keys()
+        assert max(float((mine[k] - theirs[k]).abs().max()) for k in mine) < 1e-5
 
 
 @pytest.mark.slow

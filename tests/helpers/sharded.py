@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,11 +23,11 @@ from safetensors.torch import save_file
 from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from align.offload import Offloader
 from align.config import DistributedConfig
-from align.sharding import clip_grad_norm, gathered_weights, resolve_strategy, shard_for_stage
+from align.sharding import clip_grad_norm, gathered_weights, gradient_sync, resolve_strategy, shard_for_stage
 from align.train_utils import apply_lora, build_optimizer, build_scheduler, make_accelerator
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
-STAGE = SimpleNamespace(lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, scheduler="linear", max_grad_norm=1.0,
+STAGE = SimpleNamespace(lr=1e-3, weight_decay=0.1, warmup_ratio=0.0, scheduler="linear", max_grad_norm=1.0,
                         bf16=False)
 DISTRIBUTED = DistributedConfig(strategy="fsdp2")
 LORA = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -49,12 +50,16 @@ def batches(vocab: int) -> list[torch.Tensor]:
 
 
 def backward(model, ids: torch.Tensor, rank: int, world: int) -> None:
-    """This rank's share of the global batch; the loss is normalised by the global token count and
-    scaled by `world`, so FSDP's gradient average is the single-process mean."""
-    local = ids.chunk(world)[rank]
-    logits = model(input_ids=local).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), local[:, 1:].reshape(-1), reduction="sum")
-    (loss * world / (ids.shape[0] * (SEQ - 1))).backward()
+    """This rank's share of the global batch, one row per micro-batch (sharded: the gradient
+    reduce-scatter skipped until the last one); the loss is normalised by the global token count
+    and scaled by `world`, so FSDP's gradient average is the single-process mean."""
+    rows = ids.chunk(world)[rank].split(1)
+    for i, row in enumerate(rows):
+        with gradient_sync(model, i == len(rows) - 1) if world > 1 else nullcontext():
+            logits = model(input_ids=row).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), row[:, 1:].reshape(-1),
+                                   reduction="sum")
+            (loss * world / (ids.shape[0] * (SEQ - 1))).backward()
 
 
 def local_bits(model, opt) -> dict[str, torch.Tensor]:
@@ -149,8 +154,10 @@ def run(args: dict, acc=None):
         save_file({k: v.clone().contiguous() for k, v in full.items()}, out / "weights.safetensors")
     if args.get("checks"):
         report["gathered"] = gathered_check(model, args["model_dir"], args["lora"], full if rank == 0 else None)
-        save_final(out / "stage", model=model, tokenizer=AutoTokenizer.from_pretrained(args["model_dir"]),
-                   accelerator=acc)
+        tokenizer = AutoTokenizer.from_pretrained(args["model_dir"])
+        save_final(out / "stage", model=model, tokenizer=tokenizer, accelerator=acc)
+        if args["lora"]:  # lora.merge_on_save: false keeps the adapter alone
+            save_final(out / "adapter", model=model, tokenizer=tokenizer, accelerator=acc, merge_lora=False)
     (out / f"report{rank}.json").write_text(json.dumps(report))
     return model
 
