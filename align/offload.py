@@ -15,6 +15,12 @@ Mechanism (one function pair, `offload` / `reload`, on a small state holder):
   left where they are. Calling `offload` twice, or `reload` when nothing is offloaded, does nothing.
 - The same code runs when the training device is the CPU: storage really moves into separate
   buffers and the originals are freed, so tests exercise it without a GPU.
+- Sharded models (FSDP2, `align.sharding`): parameters, gradients and optimizer state are DTensors;
+  what moves is each rank's local shard (`DTensor._local_tensor`), and the DTensor objects stay.
+  FSDP2 keeps a second, padded reference to a parameter's shard (`FSDPParam._sharded_param_data`,
+  its all-gather input): offload drops it too, and reload lets FSDP2 rebuild it from the restored
+  shard (`FSDPParam.reset_sharded_param`, the hook torch itself runs after `module.to()`). Offload
+  between steps only, when every layer is resharded.
 - Module buffers (rotary tables, ...) stay on the device: they are small and generation never sees
   the trainer's model anyway. While offloaded the model must not be used (a forward pass fails
   loudly on the 0-element placeholders rather than silently running on stale data).
@@ -36,8 +42,28 @@ import torch
 
 from align.errors import AlignError
 
-# Where a tensor lives: (param, "data"), (param, "grad") or (optimizer.state[p], state key).
+# Where a tensor lives: (param, "data"), (param, "grad"), (optimizer.state[p], state key), or
+# (dtensor, "_local_tensor") for the local shard of a sharded parameter, gradient or state tensor.
 _Slot = tuple[object, str]
+LOCAL = "_local_tensor"
+
+
+def _is_dtensor(t: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _fsdp_params(model: torch.nn.Module) -> dict[int, object]:
+    """FSDP2's record of each sharded parameter (by id), to keep its all-gather input in step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    for m in model.modules():
+        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
+        for fp in group.fsdp_params if group is not None else []:
+            out[id(fp.sharded_param)] = fp
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class Offloader:
         self.pin = self.device.type == "cuda"  # pinned host memory: async copies at full PCIe speed
         self.timeline: list[Transfer] = []
         self._buffers: list[tuple[_Slot, torch.Tensor]] = []  # filled while offloaded
+        self._fsdp = _fsdp_params(model)
         self._reported = 0  # timeline entries already returned by step_metrics()
 
     @property
@@ -110,13 +137,25 @@ class Offloader:
         """Every tensor that lives on the training device, with the slot it is read from."""
         state = self.optimizer.state if self.optimizer is not None else {}
         for p in self._params():
-            if p.device == self.device:
-                yield (p, "data"), p.data
-            if p.grad is not None and p.grad.device == self.device:
-                yield (p, "grad"), p.grad
+            yield from self._slot(p, p, "data")
+            if p.grad is not None:
+                yield from self._slot(p.grad, p, "grad")
             for k, v in state.get(p, {}).items():
-                if torch.is_tensor(v) and v.device == self.device:
-                    yield (state[p], k), v
+                if torch.is_tensor(v):
+                    yield from self._slot(v, state[p], k)
+
+    def _slot(self, t: torch.Tensor, owner: object, key: str) -> Iterator[tuple[_Slot, torch.Tensor]]:
+        """`t`'s device storage with its slot: the tensor itself, or a DTensor's local shard."""
+        if _is_dtensor(t):
+            owner, key, t = t, LOCAL, t._local_tensor
+            fp = self._fsdp.get(id(owner))
+            if fp is not None and fp.sharded_state.name != "SHARDED":
+                raise RuntimeError(f"offload of {fp}: its layer is still gathered; offload between "
+                                   "optimizer steps, not inside forward/backward")
+        elif key == "data":
+            t = t.data
+        if t.device == self.device:
+            yield (owner, key), t
 
     def offload(self) -> Transfer | None:
         """Copy everything on the training device to CPU and free the device copies."""
@@ -128,6 +167,8 @@ class Offloader:
         _sync(self.device)  # buffers complete before the device copies go
         for (owner, key), buf in self._buffers:
             _release(owner, key, buf)
+            if id(owner) in self._fsdp:  # FSDP2's padded copy of the shard holds the storage too
+                self._fsdp[id(owner)]._sharded_param_data = torch.empty(0, dtype=buf.dtype, device=self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the freed blocks back so the engine can claim them
         return self._record("offload", start, moved, before)
@@ -140,6 +181,8 @@ class Offloader:
         # params before grads: assigning `p.grad` checks it against the (restored) parameter
         for (owner, key), buf in sorted(self._buffers, key=lambda sb: sb[0][1] == "grad"):
             _restore(owner, key, _empty_as(buf, self.device, pin=False).copy_(buf, non_blocking=self.pin))
+            if id(owner) in self._fsdp:
+                self._fsdp[id(owner)].reset_sharded_param()
         moved = sum(buf.nbytes for _, buf in self._buffers)
         _sync(self.device)  # pinned buffers may only be dropped once their copies are done
         self._buffers.clear()
@@ -183,7 +226,9 @@ def _to_cpu(t: torch.Tensor, pin: bool) -> torch.Tensor:
 
 def _release(owner: object, key: str, buf: torch.Tensor) -> None:
     """Drop the device tensor in a slot, leaving a 0-element placeholder (or no grad)."""
-    if isinstance(owner, torch.nn.Parameter):
+    if key == LOCAL:
+        setattr(owner, LOCAL, torch.empty(0, dtype=buf.dtype, device=getattr(owner, LOCAL).device))
+    elif isinstance(owner, torch.nn.Parameter):
         if key == "grad":
             owner.grad = None
         else:
@@ -193,7 +238,9 @@ def _release(owner: object, key: str, buf: torch.Tensor) -> None:
 
 
 def _restore(owner: object, key: str, t: torch.Tensor) -> None:
-    if isinstance(owner, torch.nn.Parameter):
+    if key == LOCAL:
+        setattr(owner, LOCAL, t)
+    elif isinstance(owner, torch.nn.Parameter):
         setattr(owner, key, t)
     else:
         owner[key] = t

@@ -1,11 +1,15 @@
 """`align train RECIPE --dry-run`: what a run will cost, without loading a single weight.
 
 Parameters are counted exactly by instantiating the architecture on the meta device (no memory,
-no weights). Memory per GPU is an estimate for mixed-precision AdamW under ZeRO-3 sharding
-across `world_size` GPUs: bf16 weights and gradients (2 + 2 bytes/param), fp32 master weights
-and two Adam moments (12 bytes/param), all sharded; plus, for GRPO, a bf16 reference model
-(sharded) when beta > 0. Activations are excluded (they depend on batch, length and checkpointing)
-and the vLLM share (`rollout.gpu_memory_utilization`) is reported separately.
+no weights). Memory per GPU follows where the code puts things (`memory_per_rank`): the model is
+loaded in `model.dtype` and AdamW keeps its two moments in that dtype, so a full fine-tune holds
+weights + gradients + 2 moments = 4 × dtype bytes per parameter (float32: 16); a LoRA run holds
+the frozen base (1 × dtype bytes; the adapter is negligible); GRPO with beta > 0 and
+`reference: frozen_copy` adds the frozen reference (1 × dtype bytes). Under
+`distributed.strategy: ddp` every rank holds all of it; under `fsdp2` every part, the reference
+included, is sharded and divided by the world size. Activations, and under fsdp2 the one layer
+gathered at a time, are excluded (they depend on batch, length and checkpointing); the vLLM share
+(`rollout.gpu_memory_utilization`) is reported separately.
 """
 
 from __future__ import annotations
@@ -70,7 +74,21 @@ def _rows(stage, field: str, produced: dict[str, int]) -> int | None:
     return total
 
 
-def stage_plan(stage, world_size: int, params: int | None, produced: dict[str, int]) -> dict:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: checkpoints are mostly bf16
+
+
+def memory_per_rank(stage, params: int, dtype: str, strategy: str, world_size: int) -> float:
+    """GiB one rank holds for `stage` (no activations): see the module docstring."""
+    b = DTYPE_BYTES[dtype]
+    per_param = b if stage.lora is not None else 4 * b
+    if isinstance(stage, GRPOStage) and stage.beta > 0 and stage.reference == "frozen_copy":
+        per_param += b
+    shards = world_size if strategy == "fsdp2" else 1
+    return params * per_param / shards / GIB
+
+
+def stage_plan(stage, world_size: int, params: int | None, produced: dict[str, int],
+               dtype: str = "float32", strategy: str = "ddp") -> dict:
     global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * world_size
     plan: dict = {"stage": stage.name, "kind": stage.kind, "global batch": global_batch}
     if isinstance(stage, (SFTStage, RewardModelStage)):
@@ -86,10 +104,8 @@ def stage_plan(stage, world_size: int, params: int | None, produced: dict[str, i
         plan.update({"prompts": rows, "samples/step": per_step, "steps": steps,
                      "generated tokens (≤)": steps * per_step * stage.sampling.max_new_tokens if steps else None})
     if params:
-        per_param = 16 + (2 if isinstance(stage, GRPOStage) and stage.beta > 0 else 0)
-        if stage.lora is not None:
-            per_param = 2 + (0 if isinstance(stage, GRPOStage) and stage.reference == "lora_disabled" else 0)
-        plan["memory/GPU (GiB, ZeRO-3, no activations)"] = round(params * per_param / world_size / GIB, 1)
+        key = f"memory/GPU (GiB, {strategy}, {dtype}, no activations)"
+        plan[key] = round(memory_per_rank(stage, params, dtype, strategy, world_size), 1)
         if isinstance(stage, GRPOStage) and stage.rollout.engine == "vllm":
             plan["vLLM share of GPU"] = stage.rollout.gpu_memory_utilization
     return plan
@@ -112,7 +128,8 @@ def print_plan(recipe: Recipe, world_size: int | None = None) -> list[dict]:
     else:
         console.print("model: tiny model built by the recipe (a few million parameters)")
     produced = {str(Path(s.out)): s.n for s in recipe.synth}
-    plans = [stage_plan(s, world_size, params, produced) for s in recipe.stages]
+    plans = [stage_plan(s, world_size, params, produced, recipe.model.dtype, recipe.distributed.strategy)
+             for s in recipe.stages]
     table = Table(title=f"dry run: {recipe.name}", header_style="bold")
     table.add_column("")
     for p in plans:

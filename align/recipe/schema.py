@@ -475,6 +475,25 @@ class EvaluateConfig(Strict):
                                                        "max_prompt_len cuts them.")
 
 
+class DistributedConfig(Strict):
+    """How the training state is placed across processes (`torchrun` / `accelerate launch` ranks).
+    See docs/scaling.md for which path has run where."""
+
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="ddp: every rank holds the whole model, gradients and optimizer state "
+        "(accelerate DDP). fsdp2: parameters, gradients, optimizer state and the frozen reference "
+        "are sharded across ranks with torch FSDP2 (`fully_shard` per decoder layer, then the root), "
+        "on CPU over gloo as on GPUs; checkpoints are per-rank shards, final/ is a full HF directory.")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp2: free each layer's gathered weights after its forward and gather "
+        "them again for backward (ZeRO-3 memory; torch's default). false keeps them until backward "
+        "(ZeRO-2-like: more memory, one all-gather less per layer).")
+    sync_group_mb: int = Field(
+        1024, gt=0, description="fsdp2: MiB of full tensors gathered onto rank 0 per group when "
+        "weights go to the rollout engine or into final/ (bounds rank 0's extra memory; a tensor "
+        "larger than this is a group of its own).")
+
+
 class Recipe(Strict):
     name: str = Field("run", description="Run name, recorded in manifest.json and shown by `--dry-run`.")
     output_dir: str = Field("runs/run", description=(
@@ -489,6 +508,8 @@ class Recipe(Strict):
     logging: LoggingConfig = Field(LoggingConfig(), description="Where metrics go.")
     evaluate: EvaluateConfig | None = Field(None, description="Side-by-side evaluation of the policy stages once "
                                                               "the run is done; null: none.")
+    distributed: DistributedConfig = Field(
+        DistributedConfig(), description="Placement of the training state across ranks: ddp (default) or fsdp2.")
 
     @model_validator(mode="after")
     def _stage_graph(self) -> "Recipe":
