@@ -107,7 +107,7 @@ valid_overrides = st.lists(st.one_of(
     st.floats(1e-7, 1.0).map(lambda x: f"stages.rl.lr={x:.3e}"),
     st.integers(2, 64).map(lambda n: f"stages.0.group_size={n}"),
     st.integers(-10**6, 10**6).map(lambda n: f"seed={n}"),
-    st.floats(0.0, 2.0).map(lambda t: f"stages.rl.sampling.temperature={t}"),
+    st.floats(0.05, 2.0).map(lambda t: f"stages.rl.sampling.temperature={t}"),
     st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo"]).map(lambda v: f"stages.rl.loss_type={v}")), max_size=3)
 # printable, no line breaks: a YAML comment of such text never changes the recipe
 comment = st.text(st.characters(categories=("L", "N", "P", "S", "Zs")), max_size=40)

@@ -95,6 +95,7 @@ def test_a_stop_at_the_last_step_finishes_the_stage(kind, model_dir, data, tmp_p
     assert stopped.value.step == 1 and (stopped.value.checkpoint / "trainer_state.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sft", "reward_model", "reward_model_lora", "grpo", "grpo_dynamic", "dpo",
                                   "dpo_lora_disabled"])
 def test_stop_and_resume_equals_the_uninterrupted_run(kind, model_dir, data, tmp_path):
