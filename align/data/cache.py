@@ -19,7 +19,7 @@ from pathlib import Path
 from align.data.io import ReadStats, data_files, read_conversations
 from align.data.tokenize import TokenizeStats, check_tokenizer, tokenize_batch
 
-VERSION = 1  # bump when the cached columns or tokenisation rules change
+VERSION = 2  # bump when the cached columns or tokenisation rules change
 BATCH_SIZE = 1000
 
 
