@@ -129,8 +129,13 @@ def test_pad_equal_to_eos_keeps_the_real_eos_in_grpo_completion_masks(smol_like_
 
     rambling, stopping = HFEngine.from_pretrained(smol_like_dir), HFEngine.from_pretrained(smol_like_dir)
     eos = stopping.tokenizer.eos_token_id
-    with torch.no_grad():  # eos's (tied) embedding row dominates every logit: the model stops at once
-        stopping.model.get_input_embeddings().weight[eos] *= 100.0
+    # A head with a bias on eos (p ≈ 0.99, so its log-prob is visibly < 0): the model stops at once.
+    head = torch.nn.Linear(*reversed(stopping.model.lm_head.weight.shape), bias=True)
+    head.weight = stopping.model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[eos] = 12.0
+    stopping.model.lm_head = head
     prompts = [stopping.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                       return_dict=False) for t in ("What is 2 + 2?", "Hi")]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
