@@ -321,6 +321,7 @@ def test_imported_smollm2_is_a_plain_tied_float32_chat_model(smollm2_dir, tmp_pa
 
 
 SHRUNK = [  # one optimizer step per stage, a handful of prompts: the recipe's wiring, not its learning
+    "synth.3.n=4", "synth.4.n=40", "synth.5.n=40",  # held-out SFT rows and RM pairs (10%): 4 each
     "stages.0.max_steps=1", "stages.0.per_device_batch_size=2", "stages.0.gradient_accumulation_steps=1",
     "stages.0.eval_steps=null", "stages.0.max_seq_len=128",
     "stages.1.max_steps=1", "stages.1.per_device_batch_size=2",
