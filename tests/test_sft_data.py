@@ -44,9 +44,9 @@ def test_template_without_generation_markers_uses_prefix_rendering(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = plain
     rows = tokenize_batch(tok, CONVERSATIONS, 4096, "truncate", True, TokenizeStats())
-    # The prefix method's turn ends where the next turn starts: after ChatML's newline.
+    # The same targets as with markers: content + end-of-turn, not ChatML's newline after it.
     for conv, row in zip(CONVERSATIONS, rows):
-        assert _target_text(tok, row) == _expected(conv, "<|im_end|>\n")
+        assert _target_text(tok, row) == _expected(conv, "<|im_end|>")
 
 
 def test_overlong_rows_are_truncated_or_dropped_and_counted(tokenizer):

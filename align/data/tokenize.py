@@ -13,7 +13,9 @@ Where the spans come from:
   messages[:k] with `add_generation_prompt=True` and messages[:k+1]; the turn is the text between
   the two. A template whose render of a longer conversation does not start with the render of its
   prefix (e.g. one that rewrites earlier turns) cannot be masked this way, and raises AlignError.
-  With ChatML the span then also holds the newline after the end-of-turn token.
+  Whitespace the template writes after the turn (ChatML's newline after `<|im_end|>`) is left out,
+  so the span is the same as with markers: the content plus the end-of-turn token. A default system
+  prompt (SmolLM2, Qwen2.5) is in every prefix render, so it is never in a span.
 """
 
 from __future__ import annotations
@@ -109,17 +111,17 @@ def _render_by_prefix(conversations, template: str, kwargs: dict) -> tuple[list[
     texts, all_spans = [], []
     for messages in conversations:
         spans: Spans = []
+        full = render(messages, False)
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             prefix, upto = render(messages[:k], True), render(messages[: k + 1], False)
-            if not upto.startswith(prefix):
+            if not (upto.startswith(prefix) and full.startswith(upto)):
                 raise AlignError("the chat template has no {% generation %} markers and rewrites earlier "
                                  "turns, so assistant tokens cannot be located; add {% generation %} ... "
                                  "{% endgeneration %} around the assistant content in the template, or set "
                                  "assistant_only_loss: false")
-            spans.append((len(prefix), len(upto)))
-        full = render(messages, False)
+            spans.append((len(prefix), len(upto.rstrip())))
         texts.append(full)
         all_spans.append(spans)
     return texts, all_spans

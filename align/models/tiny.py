@@ -32,6 +32,15 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# SmolLM2-Instruct's template, as real chat models ship them: a default system prompt and no
+# `{% generation %}` markers (the `llama` tiny arch uses it, with pad = eos, to test those paths).
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class TinySize:
@@ -53,7 +62,7 @@ SIZES: dict[str, TinySize] = {
 }
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str = CHAT_TEMPLATE, pad_token: str = PAD):
     """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -68,9 +77,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=pad_token,
                                    model_max_length=2048)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -82,7 +91,7 @@ def _moe_width(size: TinySize) -> int:
 
 
 def _model_config(arch: str, size: TinySize, tokenizer):
-    eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
+    eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.pad_token_id
     common = dict(vocab_size=len(tokenizer), hidden_size=size.hidden_size,
                   num_hidden_layers=size.num_hidden_layers,
                   num_attention_heads=size.num_attention_heads,
@@ -92,6 +101,12 @@ def _model_config(arch: str, size: TinySize, tokenizer):
         from transformers import Qwen2Config
 
         return Qwen2Config(intermediate_size=size.intermediate_size,
+                           num_key_value_heads=size.num_key_value_heads,
+                           tie_word_embeddings=True, **common)
+    if arch == "llama":  # SmolLM2's shape: Llama, tied embeddings
+        from transformers import LlamaConfig
+
+        return LlamaConfig(intermediate_size=size.intermediate_size,
                            num_key_value_heads=size.num_key_value_heads,
                            tie_word_embeddings=True, **common)
     if arch == "deepseek_v2":
@@ -109,12 +124,14 @@ def _model_config(arch: str, size: TinySize, tokenizer):
             # vLLM always routes DeepSeek-V2 through grouped top-k and needs the group counts set;
             # one group = plain top-k, the same choice as transformers' "greedy".
             n_group=1, topk_group=1, **common)
-    raise AlignError(f"unknown architecture {arch!r}; choose one of: qwen2, deepseek_v2")
+    raise AlignError(f"unknown architecture {arch!r}; choose one of: qwen2, llama, deepseek_v2")
 
 
 def build_tiny(out_dir: str | Path, size: str = "tiny", arch: str = "qwen2", seed: int = 0,
                corpus_texts: int = 20_000) -> Path:
     """Write tokenizer + randomly initialised model to `out_dir`; returns the directory.
+    `arch="llama"` is shaped like SmolLM2-Instruct (tied embeddings, pad = eos, a chat template
+    with a default system prompt and no generation markers), the other archs use CHAT_TEMPLATE.
 
     Deterministic: the same (size, arch, seed) gives byte-identical weights and vocabulary.
     """
@@ -128,7 +145,10 @@ def build_tiny(out_dir: str | Path, size: str = "tiny", arch: str = "qwen2", see
     dims = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(corpus(corpus_texts, seed=seed), dims.vocab_size)
+    like_smollm2 = arch == "llama"  # its template (default system prompt, no markers) and pad = eos
+    tokenizer = train_tokenizer(corpus(corpus_texts, seed=seed), dims.vocab_size,
+                                DEFAULT_SYSTEM_TEMPLATE if like_smollm2 else CHAT_TEMPLATE,
+                                EOS if like_smollm2 else PAD)
     config = _model_config(arch, dims, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
