@@ -38,14 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from align.data.batching import epoch_order
+from align.data.mixture import held_out_split
 from align.errors import AlignError
 from align.grpo.logprobs import token_logprobs
 from align.loop import StageTrainer, run_stage
 from align.recipe.schema import DPOStage
 from align.reward_model import _messages
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, global_token_count,
-                               load_trainable_model, maybe_no_sync, optimizer_step, reduce_sum, total_optimizer_steps)
+from align.train_utils import (NonFiniteGuard, backward, global_token_count, maybe_no_sync, optimizer_step,
+                               prepare_training, reduce_sum, step_plan)
 
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -179,30 +180,17 @@ class DPOTrainer(StageTrainer):
     """DPO / IPO on preference pairs, on the shared stage loop."""
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_tokenizer
-
+        super().__init__(ctx, accelerator, guard)
         stage: DPOStage = ctx.stage
         recipe = ctx.recipe
-        self.ctx, self.stage, self.acc, self.guard = ctx, stage, accelerator, guard
-        self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
         pairs, self.dropped = load_pairs(stage.data, self.tokenizer, stage.max_seq_len)
-        order = np.random.default_rng([ctx.seed, 0xD90]).permutation(len(pairs))
-        n_eval = int(round(len(pairs) * stage.eval_split))
-        self.eval_idx, self.train_idx = order[:n_eval], order[n_eval:]
+        self.eval_idx, self.train_idx = held_out_split(len(pairs), stage.eval_split, [ctx.seed, 0xD90])
         self.pairs = pairs
-        world = accelerator.num_processes
-        self.global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * world
-        self.steps_per_epoch = len(self.train_idx) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise AlignError(f"stage {stage.name!r}: {len(self.train_idx)} training pairs are fewer than one global "
-                             f"batch ({stage.per_device_batch_size} per device × {world} processes × "
-                             f"{stage.gradient_accumulation_steps} accumulation); lower them or add pairs")
-        self.total_steps = total_optimizer_steps(stage, self.steps_per_epoch)
-        model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
-        optimizer = build_optimizer(model, stage)
-        self.scheduler = build_scheduler(optimizer, stage, self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.global_batch, self.steps_per_epoch, self.total_steps = step_plan(
+            stage, len(self.train_idx), accelerator.num_processes, "training pairs")
+        self.model, self.optimizer, self.scheduler = prepare_training(accelerator, recipe, stage, ctx.init_model,
+                                                                      ctx.resume_from, self.total_steps)
         self.policy = accelerator.unwrap_model(self.model)
         self.ref, self.ref_logps = None, None
         if stage.reference == "frozen_copy":

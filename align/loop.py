@@ -37,8 +37,9 @@ from align.train_utils import NonFiniteGuard, make_accelerator
 
 
 class StageTrainer:
-    """What a stage kind gives the loop. Subclasses set the attributes in `__init__` and
-    implement `train_step` and `evaluate`; the other hooks default to "nothing extra"."""
+    """What a stage kind gives the loop. Subclasses call `super().__init__`, set the model,
+    optimizer, scheduler and total_steps, and implement `train_step` and `evaluate`; the other
+    hooks default to "nothing extra"."""
 
     model: torch.nn.Module  # as returned by `accelerator.prepare`
     optimizer: Any
@@ -46,6 +47,14 @@ class StageTrainer:
     tokenizer: Any
     total_steps: int
     headline: str = "loss"  # the metric on the progress bar and first/last in the summary
+
+    def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
+        """What every stage holds: its context, accelerator, guard, and the starting model's
+        tokenizer (which is what every checkpoint and final/ saves)."""
+        from align.models.load import load_tokenizer
+
+        self.ctx, self.stage, self.acc, self.guard = ctx, ctx.stage, accelerator, guard
+        self.tokenizer = load_tokenizer(ctx.init_model, ctx.recipe.model.trust_remote_code)
 
     def train_step(self, step: int, log: bool) -> dict[str, float]:
         """One optimizer step (number `step`, counted from 0). `log` says the loop will log

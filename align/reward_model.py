@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from align.checkpoint import write_text_atomic
 from align.recipe.schema import RewardModelStage
 from align.data.batching import epoch_order
+from align.data.mixture import held_out_split
 from align.errors import AlignError
 from align.loop import StageTrainer, run_stage
 from align.moe import moe_gates, router_stats
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, load_trainable_model,
-                               maybe_no_sync, optimizer_step, reduce_sum, total_optimizer_steps)
+from align.train_utils import (NonFiniteGuard, backward, maybe_no_sync, optimizer_step, prepare_training,
+                               reduce_sum, step_plan)
 from rewards.model import CALIBRATION_FILE
 
 
@@ -159,25 +160,18 @@ class RewardModelTrainer(StageTrainer):
     """Bradley–Terry training of a score head on preference pairs, on the shared stage loop."""
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_tokenizer
-
+        super().__init__(ctx, accelerator, guard)
         stage: RewardModelStage = ctx.stage
         recipe = ctx.recipe
-        self.ctx, self.stage, self.acc, self.guard = ctx, stage, accelerator, guard
-        self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
         pairs = load_pairs(stage.data, self.tokenizer, stage.max_seq_len)
-        order = np.random.default_rng([ctx.seed, 0xE7A1]).permutation(len(pairs))
-        n_eval = int(round(len(pairs) * stage.eval_split))
-        self.eval_pairs, self.train_pairs = pairs.take(order[:n_eval]), pairs.take(order[n_eval:])
-        self.global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * accelerator.num_processes
-        self.steps_per_epoch = len(self.train_pairs) // self.global_batch
-        self.total_steps = total_optimizer_steps(stage, self.steps_per_epoch)
-        model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from, task_type="SEQ_CLS",
-                                     loader=lambda path: load_score_model(recipe, path, self.pad_id))
-        optimizer = build_optimizer(model, stage)
-        self.scheduler = build_scheduler(optimizer, stage, self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        eval_idx, train_idx = held_out_split(len(pairs), stage.eval_split, [ctx.seed, 0xE7A1])
+        self.eval_pairs, self.train_pairs = pairs.take(eval_idx), pairs.take(train_idx)
+        self.global_batch, self.steps_per_epoch, self.total_steps = step_plan(
+            stage, len(self.train_pairs), accelerator.num_processes, "training pairs")
+        self.model, self.optimizer, self.scheduler = prepare_training(
+            accelerator, recipe, stage, ctx.init_model, ctx.resume_from, self.total_steps, task_type="SEQ_CLS",
+            loader=lambda path: load_score_model(recipe, path, self.pad_id))
         self.model.train()
         self.is_moe = bool(moe_gates(accelerator.unwrap_model(self.model)))
 

@@ -42,8 +42,8 @@ from align.errors import AlignError
 from align.loop import StageTrainer, run_stage
 from align.moe import RouterStats, moe_gates, router_stats
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, load_trainable_model,
-                               maybe_no_sync, model_summary, optimizer_step, reduce_sum, total_optimizer_steps)
+from align.train_utils import (NonFiniteGuard, backward, maybe_no_sync, model_summary, optimizer_step,
+                               prepare_training, reduce_sum, step_plan)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -201,27 +201,16 @@ class SFTTrainer(StageTrainer):
     """Conversations → assistant-only next-token loss, on the shared stage loop."""
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_tokenizer
-
         stage, recipe = ctx.stage, ctx.recipe
-        self.ctx, self.stage, self.acc, self.guard = ctx, stage, accelerator, guard
         if stage.lora is not None and stage.lora.target_modules == []:
             raise AlignError(f"stage {stage.name!r}: lora.target_modules is empty; list module names or use all-linear")
-        self.tokenizer = load_tokenizer(ctx.init_model, trust_remote_code=recipe.model.trust_remote_code)
+        super().__init__(ctx, accelerator, guard)
         self.data = prepare_data(ctx, self.tokenizer, accelerator)
-        world = accelerator.num_processes
-        self.global_batch = stage.per_device_batch_size * world * stage.gradient_accumulation_steps
-        self.steps_per_epoch = len(self.data.train) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise AlignError(f"stage {stage.name!r}: {len(self.data.train)} training rows"
-                             f"{' after packing' if stage.packing else ''} are fewer than one global batch "
-                             f"({stage.per_device_batch_size} per device × {world} processes × "
-                             f"{stage.gradient_accumulation_steps} accumulation); lower them or add data")
-        self.total_steps = total_optimizer_steps(stage, self.steps_per_epoch)
-        model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
-        optimizer = build_optimizer(model, stage)
-        self.scheduler = build_scheduler(optimizer, stage, self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.global_batch, self.steps_per_epoch, self.total_steps = step_plan(
+            stage, len(self.data.train), accelerator.num_processes,
+            "training rows after packing" if stage.packing else "training rows")
+        self.model, self.optimizer, self.scheduler = prepare_training(accelerator, recipe, stage, ctx.init_model,
+                                                                      ctx.resume_from, self.total_steps)
         self.model.train()
         self.pad_id = self.tokenizer.pad_token_id
         self.is_moe = bool(moe_gates(accelerator.unwrap_model(self.model)))

@@ -129,6 +129,28 @@ def build_scheduler(optimizer, stage, total_steps: int):
                          num_training_steps=total_steps)
 
 
+def step_plan(stage, rows: int, world: int, unit: str) -> tuple[int, int, int]:
+    """(global batch, optimizer steps per epoch, total steps) of a stage training on `rows` rows
+    (`unit` names them in the error raised when they do not fill one global batch)."""
+    global_batch = stage.per_device_batch_size * stage.gradient_accumulation_steps * world
+    per_epoch = rows // global_batch
+    if per_epoch == 0:
+        raise AlignError(f"stage {stage.name!r}: {rows} {unit} are fewer than one global batch "
+                         f"({stage.per_device_batch_size} per device × {world} processes × "
+                         f"{stage.gradient_accumulation_steps} accumulation); lower them or add data")
+    return global_batch, per_epoch, total_optimizer_steps(stage, per_epoch)
+
+
+def prepare_training(accelerator, recipe, stage, init_model, resume_from, total_steps: int, **load: Any):
+    """(model, optimizer, schedule) of a stage, prepared by accelerate: the trainable model
+    (`load_trainable_model`, `load` passed on), AdamW, and the schedule over `total_steps`."""
+    model = load_trainable_model(recipe, stage, init_model, resume_from, **load)
+    optimizer = build_optimizer(model, stage)
+    scheduler = build_scheduler(optimizer, stage, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
 def total_optimizer_steps(stage, steps_per_epoch: int) -> int:
     """`max_steps` when set, otherwise ceil(epochs × steps_per_epoch)."""
     if stage.max_steps is not None:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from align.data.io import write_jsonl
 from align.data.synth import generate
+from align.errors import AlignError
 from align.pipeline import RUNNERS
 from align.recipe.load import load_recipe
 from align.stage import StageContext, StopFlag, TrainingInterrupted
@@ -128,3 +129,11 @@ def test_dpo_references_train_alike(lora, reference, model_dir, data, tmp_path):
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=f"{reference}: {name} differs")
     assert scored.summary["eval_rewards/margins (before)"] == pytest.approx(0.0, abs=1e-5)
     assert scored.summary["eval_rewards/accuracies (after)"] is not None
+
+
+def test_fsdp2_is_refused_until_the_stages_are_wired(model_dir, data, tmp_path):
+    ctx = context(tmp_path, model_dir, data, "sft", max_steps=1)
+    ctx.recipe = ctx.recipe.model_copy(update={"distributed": ctx.recipe.distributed.model_copy(
+        update={"strategy": "fsdp2"})})
+    with pytest.raises(AlignError, match="fsdp2 — the sharding mechanism .* not yet wired"):
+        run(ctx)

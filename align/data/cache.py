@@ -21,7 +21,7 @@ from align.data.formats import ConversationFormat
 from align.data.io import ReadStats, data_files, read_conversations
 from align.data.tokenize import TokenizeStats, check_tokenizer, tokenize_batch
 
-VERSION = 2  # bump when the cached columns or tokenisation rules change
+VERSION = 3  # bump when the cached columns or tokenisation rules change
 BATCH_SIZE = 1000
 
 

@@ -60,6 +60,14 @@ def mixture_indices(sizes: Sequence[int], weights: Sequence[float | None], count
     return rng.permutation(indices.astype(np.int64))
 
 
+def held_out_split(n: int, eval_split: float, seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(eval, train) indices of `n` rows: a seeded permutation whose first `eval_split` share is
+    held out (the preference stages' split; `seed` = [stage seed, a salt of the stage kind])."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = int(round(n * eval_split))
+    return order[:n_eval], order[n_eval:]
+
+
 def split_eval(indices: np.ndarray, eval_split: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval): the last `eval_split` share of the shuffled indices is held out."""
     n_eval = int(round(len(indices) * eval_split))

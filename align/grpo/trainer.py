@@ -50,15 +50,14 @@ class GRPOTrainer(StageTrainer):
     headline = "reward"
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_causal_lm, load_tokenizer
+        from align.models.load import load_causal_lm
         from rewards.reward_set import RewardSet
         from rollout.factory import build_policy_engine
 
-        self.ctx, self.stage, self.acc, self.guard = ctx, ctx.stage, accelerator, guard
-        stage: GRPOStage = self.stage
+        stage: GRPOStage = ctx.stage
         recipe, self.world = ctx.recipe, accelerator.num_processes
         self.micro, self.loss_options = micro_batch_size(stage, self.world), loss_options(stage)
-        self.tokenizer = load_tokenizer(ctx.init_model, recipe.model.trust_remote_code)
+        super().__init__(ctx, accelerator, guard)
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
         self.ref = None
         if stage.beta > 0 and stage.reference == "frozen_copy":
