@@ -42,4 +42,8 @@ def test_shrunk_online_vs_offline_recipe_compares_both_branches(tmp_path):
     assert "eval_rewards/accuracies (after)" in dpo
     labels = {label for metric in manifest["evaluation"]["metrics"].values() for label in metric["values"]}
     assert {"sft", "dpo", "grpo"} <= labels, labels
-    assert (run / "eval" / "report.md").exists()
+    report = (run / "eval" / "report.md").read_text()
+    compute = report.split("## Compute by stage")[1]
+    for stage in ("| dpo | dpo | sft |", "| grpo | grpo | sft |", "| sft | sft | model |"):
+        assert stage in compute, compute
+    assert "| dpo | dpo | sft | 0 |" in compute  # offline: no sample generated

@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.recipe.schema import Recipe
+from align.checkpoint import write_text_atomic
 from align.errors import AlignError
+from align.recipe.schema import Recipe
 
 
 def _policy_stages(recipe: Recipe) -> list[str]:
@@ -85,6 +86,23 @@ def run_evaluation(recipe: Recipe, stages: dict[str, dict[str, Any]], console) -
     results, records = evaluate(checkpoints, cfg.suites, options,
                                 progress=lambda c, s: console.print(f"[bold]{c.label}[/] · {s.name}", highlight=False))
     written = write_report(results, out, records)  # the run summary prints the table
+    report = Path(written["report"])
+    write_text_atomic(report, report.read_text().rstrip("\n") + "\n\n" + compute_table(recipe, stages))
     values = results.to_dict()["suites"]  # NaN -> None, as in results.json
     metrics = {f"{suite}/{name}": metric for suite, names in values.items() for name, metric in names.items()}
     return {"status": "done", "report": str(written["report"]), "metrics": metrics}
+
+
+def compute_table(recipe: Recipe, stages: dict[str, dict[str, Any]]) -> str:
+    """Markdown: what each stage spent (samples generated, tokens trained, wall time), so branches
+    that reach the same table by different routes — SFT → DPO against SFT → reward model → GRPO —
+    are compared at their cost too. From each stage's summary in the manifest; – where a stage
+    kind does not count that quantity."""
+    rows = ["## Compute by stage", "", "| stage | kind | starts from | samples generated | tokens trained | time (s) |",
+            "|---|---|---|---|---|---|"]
+    for stage in recipe.stages:
+        summary = stages.get(stage.name, {}).get("summary", {})
+        cells = [summary.get(k) for k in ("samples", "tokens", "time_s")]
+        rows.append(f"| {stage.name} | {stage.kind} | {stage.init} | " + " | ".join(
+            "–" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.1f}" for v in cells) + " |")
+    return "\n".join(rows) + "\n"
