@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from align.config import DistributedConfig, GRPOStage, SFTStage
-from align.plan import GIB, memory_per_rank
+from align.recipe.schema import DistributedConfig, GRPOStage, SFTStage
+from align.recipe.dry_run import GIB, memory_per_rank
 from align.sharding import decoder_layers, gathered_weights
 from helpers import sharded as worker
 

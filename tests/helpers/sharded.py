@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from align.offload import Offloader
-from align.config import DistributedConfig
+from align.recipe.schema import DistributedConfig
 from align.sharding import clip_grad_norm, gathered_weights, gradient_sync, resolve_strategy, shard_for_stage
 from align.train_utils import apply_lora, build_optimizer, build_scheduler, make_accelerator
 
