@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from align.data.batching import epoch_order
 from align.data.mixture import held_out_split
 from align.errors import AlignError
+from align.sharding import refuse_sharding
 from align.grpo.logprobs import token_logprobs
 from align.loop import StageTrainer, run_stage
 from align.recipe.schema import DPOStage
@@ -181,6 +182,7 @@ class DPOTrainer(StageTrainer):
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
         super().__init__(ctx, accelerator, guard)
+        refuse_sharding(ctx.recipe, accelerator, "dpo", "its reference pass is not rank-symmetric yet")
         stage: DPOStage = ctx.stage
         recipe = ctx.recipe
         self.pad_id = self.tokenizer.pad_token_id

@@ -30,7 +30,6 @@ import torch
 
 from align.checkpoint import load_checkpoint, save_checkpoint, save_final
 from align.errors import AlignError
-from align.sharding import resolve_strategy
 from align.stage import StageContext, StageResult, TrainingInterrupted
 from align.tracking import MetricsLog
 from align.train_utils import NonFiniteGuard, make_accelerator
@@ -102,17 +101,13 @@ def run_stage(ctx: StageContext, build: Build) -> StageResult:
     hands to `optimizer_step` and the loop persists."""
     stage, recipe = ctx.stage, ctx.recipe
     acc = make_accelerator(stage, log_dir=ctx.stage_dir, report_to=recipe.logging.report_to)
-    if resolve_strategy(recipe.distributed, acc) == "fsdp2":
-        raise AlignError("distributed.strategy: fsdp2 — the sharding mechanism (align/sharding.py) is tested on "
-                         "its own but not yet wired into the stages; train with strategy: ddp for now "
-                         "(docs/scaling.md)")
     guard = NonFiniteGuard()
     torch.manual_seed(ctx.seed)  # model init (LoRA, score head) depends on the stage's seed only
     trainer = build(ctx, acc, guard)
     loop = LoopState()
     if ctx.resume_from is not None:
         saved = load_checkpoint(ctx.resume_from, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                                rank=acc.process_index)
+                                rank=acc.process_index, model=trainer.model)
         loop = LoopState(**{**saved["loop"], "step": saved["step"]})
         guard.skipped = saved["skipped_steps"]
         trainer.load_state_dict(saved["stage"])

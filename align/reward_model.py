@@ -31,10 +31,11 @@ from align.recipe.schema import RewardModelStage
 from align.data.batching import epoch_order
 from align.data.mixture import held_out_split
 from align.errors import AlignError
+from align.sharding import is_sharded
 from align.loop import StageTrainer, run_stage
 from align.moe import moe_gates, router_stats
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, maybe_no_sync, optimizer_step, prepare_training,
+from align.train_utils import (NonFiniteGuard, backward, even_batches, maybe_no_sync, optimizer_step, prepare_training,
                                reduce_sum, step_plan)
 from rewards.model import CALIBRATION_FILE
 
@@ -125,15 +126,16 @@ def evaluate(model, pairs: Pairs, accelerator, batch_size: int, pad_id: int) -> 
     model.eval()
     local = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
-    idx = list(range(rank, len(pairs), world))
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
-    for start in range(0, len(idx), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in
-                 collate(pairs.take(idx[start:start + batch_size]), pad_id).items()}
+    for rows in even_batches(len(pairs), batch_size, rank, world):  # FSDP2: the same forwards on every rank
+        if rows is None and not is_sharded(local):
+            break
+        batch = {k: v.to(accelerator.device) for k, v in collate(pairs.take(list(rows or range(1))), pad_id).items()}
         rc, rr = pair_scores(local, batch)
         both = torch.cat([rc, rr]).double()
-        totals += torch.stack([(rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(rc)), both.sum(),
-                               both.square().sum()]).double()
+        if rows is not None:
+            totals += torch.stack([(rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(rc)), both.sum(),
+                                   both.square().sum()]).double()
     totals = reduce_sum(accelerator, totals)
     model.train()
     n = float(totals[2]) or math.nan

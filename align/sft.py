@@ -39,11 +39,12 @@ from align.data import batching
 from align.data.cache import tokenized_source
 from align.data.mixture import mixture_indices, split_eval
 from align.errors import AlignError
+from align.sharding import is_sharded
 from align.loop import StageTrainer, run_stage
 from align.moe import RouterStats, moe_gates, router_stats
 from align.stage import StageContext, StageResult
 from align.train_utils import (NonFiniteGuard, backward, maybe_no_sync, model_summary, optimizer_step,
-                               prepare_training, reduce_sum, step_plan)
+                               even_batches, prepare_training, reduce_sum, step_plan)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -144,19 +145,22 @@ def router_balance_loss(model, out) -> torch.Tensor:
 def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | None:
     """Mean held-out loss per target token over the eval rows (split across ranks). Forward passes
     go through the unwrapped model: ranks may hold different numbers of eval batches, and a DDP
-    forward is a collective (buffer broadcast), so it would deadlock."""
+    forward is a collective (buffer broadcast), so it would deadlock. Under FSDP2 every forward
+    is a collective whatever the wrapper, so each rank runs the same number (`even_batches`)."""
     if data.eval is None or len(data.eval) == 0:
         return None
     model.eval()
     local = accelerator.unwrap_model(model)
     rank, world, bs = accelerator.process_index, accelerator.num_processes, stage.per_device_batch_size
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for start in range(rank * bs, len(data.eval), world * bs):
-        batch = _collate(data.eval[start:start + bs], stage.packing, pad_id)
+    for rows in even_batches(len(data.eval), bs, rank, world):
+        if rows is None and not is_sharded(local):
+            break
+        batch = _collate(data.eval[(rows or range(1)).start:(rows or range(1)).stop], stage.packing, pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             ce, _ = token_loss_sum(local, batch, 0.0)
-        total[0] += ce.double()
+        total[0] += ce.double() if rows is not None else 0.0
     total[1] = float(data.eval_targets.sum()) if rank == 0 else 0.0
     total = reduce_sum(accelerator, total)
     model.train()

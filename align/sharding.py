@@ -56,6 +56,13 @@ def resolve_strategy(distributed, accelerator=None) -> str:
     return distributed.strategy
 
 
+def refuse_sharding(recipe, accelerator, kind: str, why: str) -> None:
+    """Stages not wired for FSDP2 yet say so, with the reason, instead of training unsharded."""
+    if resolve_strategy(recipe.distributed, accelerator) == "fsdp2":
+        raise AlignError(f"distributed.strategy: fsdp2 is not supported by {kind} stages yet: {why}; use "
+                         "strategy: ddp for them (docs/scaling.md says which paths have run)")
+
+
 def shard_for_stage(model: nn.Module, distributed, stage, accelerator) -> nn.Module:
     """What a stage calls instead of `accelerator.prepare(model)` under fsdp2: shard on the
     accelerator's device, gathering layers in bfloat16 when the stage trains in bf16."""

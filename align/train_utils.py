@@ -58,6 +58,15 @@ def global_token_count(accelerator, local_count: int) -> int:
     return int(reduce_sum(accelerator, torch.tensor([local_count], dtype=torch.long, device=device)).item())
 
 
+def even_batches(n: int, batch_size: int, rank: int, world: int) -> list[range | None]:
+    """This rank's share of `n` eval rows in batches, as ranges of row indices, padded with None
+    so that every rank gets the same number of entries: under FSDP2 every forward is a collective,
+    so a rank with no rows left still runs one (on a stand-in batch, its result discarded)."""
+    per_rank = [range(start, min(start + batch_size, n)) for start in range(rank * batch_size, n, world * batch_size)]
+    most = -(-n // (world * batch_size))
+    return per_rank + [None] * (most - len(per_rank))
+
+
 def mean_over_ranks(accelerator, values: torch.Tensor, select: torch.Tensor) -> float:
     """Mean of the selected finite `values` over all ranks (shares may differ in length); NaN if
     none. Every rank must call it with the same `select` pattern of calls."""
@@ -144,10 +153,19 @@ def step_plan(stage, rows: int, world: int, unit: str) -> tuple[int, int, int]:
 def prepare_training(accelerator, recipe, stage, init_model, resume_from, total_steps: int, **load: Any):
     """(model, optimizer, schedule) of a stage, prepared by accelerate: the trainable model
     (`load_trainable_model`, `load` passed on), AdamW, and the schedule over `total_steps`."""
+    from align.checkpoint import is_sharded_checkpoint
+    from align.sharding import resolve_strategy, shard_for_stage
+
+    sharded = resolve_strategy(recipe.distributed, accelerator) == "fsdp2"
+    if sharded and resume_from is not None and is_sharded_checkpoint(resume_from):
+        resume_from = None  # weights come from the shards (`load_checkpoint(model=...)`), on the init model
     model = load_trainable_model(recipe, stage, init_model, resume_from, **load)
+    if sharded:  # sharded by align itself (FSDP2), never wrapped by accelerate
+        model = shard_for_stage(model, recipe.distributed, stage, accelerator)
     optimizer = build_optimizer(model, stage)
     scheduler = build_scheduler(optimizer, stage, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler
 
 
@@ -166,7 +184,14 @@ def total_optimizer_steps(stage, steps_per_epoch: int) -> int:
 
 @contextmanager
 def maybe_no_sync(accelerator, model, sync: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
+    micro-batch of an optimizer step."""
+    from align.sharding import gradient_sync, is_sharded
+
+    if is_sharded(model):
+        with gradient_sync(model, sync):
+            yield
+        return
     with (nullcontext() if sync or accelerator is None else accelerator.no_sync(model)):
         yield
 
@@ -198,6 +223,10 @@ class NonFiniteGuard:
 
 def clip_grad_norm(accelerator, model, max_grad_norm: float | None) -> float:
     """Clip to `max_grad_norm` (None: only measure) and return the pre-clip global norm."""
+    from align.sharding import clip_grad_norm as clip_sharded, is_sharded
+
+    if is_sharded(model):
+        return clip_sharded(model, max_grad_norm)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
     return float(norm)

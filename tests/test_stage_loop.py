@@ -131,9 +131,12 @@ def test_dpo_references_train_alike(lora, reference, model_dir, data, tmp_path):
     assert scored.summary["eval_rewards/accuracies (after)"] is not None
 
 
-def test_fsdp2_is_refused_until_the_stages_are_wired(model_dir, data, tmp_path):
-    ctx = context(tmp_path, model_dir, data, "sft", max_steps=1)
+@pytest.mark.parametrize("kind,reason", [("grpo", "not supported by grpo stages yet"),
+                                         ("dpo", "not supported by dpo stages yet"),
+                                         ("sft", "fsdp2 needs a process group; launch with `torchrun")])
+def test_fsdp2_refusals_name_the_reason(kind, reason, model_dir, data, tmp_path):
+    ctx = context(tmp_path, model_dir, data, kind, max_steps=1)
     ctx.recipe = ctx.recipe.model_copy(update={"distributed": ctx.recipe.distributed.model_copy(
         update={"strategy": "fsdp2"})})
-    with pytest.raises(AlignError, match="fsdp2 — the sharding mechanism .* not yet wired"):
+    with pytest.raises(AlignError, match=reason):
         run(ctx)

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from align.recipe.schema import GRPOStage
 from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices
 from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
@@ -39,6 +38,7 @@ from align.grpo.metrics import PhaseTimer, completion_metrics, heldout_means, me
 from align.loop import StageTrainer, run_stage
 from align.moe import ensure_replay_supported, moe_gates, replaying, router_stats, routes_to_batch
 from align.offload import OffloadGroup
+from align.sharding import refuse_sharding
 from align.stage import StageContext, StageResult
 from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, global_token_count,
                                load_trainable_model, maybe_no_sync, optimizer_step)
@@ -54,10 +54,10 @@ class GRPOTrainer(StageTrainer):
         from rewards.reward_set import RewardSet
         from rollout.factory import build_policy_engine
 
-        stage: GRPOStage = ctx.stage
-        recipe, self.world = ctx.recipe, accelerator.num_processes
+        stage, recipe, self.world = ctx.stage, ctx.recipe, accelerator.num_processes
         self.micro, self.loss_options = micro_batch_size(stage, self.world), loss_options(stage)
         super().__init__(ctx, accelerator, guard)
+        refuse_sharding(recipe, accelerator, "grpo", "generation and the weight sync are not rank-symmetric yet")
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
         self.ref = None
         if stage.beta > 0 and stage.reference == "frozen_copy":
