@@ -97,14 +97,16 @@ def test_keys_lists_one_kind_with_types_and_defaults():
 def test_keys_lists_shared_stage_keys_once_and_filters_by_text():
     result, lines = run("recipe", "keys")
     assert result.exit_code == 0, result.output
-    assert sum(line.startswith("stages.*.lr:") for line in lines) == 1
+    assert sum(line.startswith("stages.*.seed:") for line in lines) == 1  # one definition in every kind
+    # a key a kind redefines (DPO's lr default, TRL's 1e-6) is listed under each kind instead
+    assert sum(line.startswith("stages.*.lr:") for line in lines) == 4
     assert "model.path: str, required" in lines
     result, lines = run("recipe", "keys", "epsilon")
     heads = [line for line in lines if line.startswith("stages.")]
     assert heads == ["stages.*.epsilon_low: float (> 0) = 0.2", "stages.*.epsilon_high: float (> 0) = 0.2"]
 
 
-@pytest.mark.parametrize("args, message", [(("--kind", "ppo"), "choose one of grpo, reward_model, sft"),
+@pytest.mark.parametrize("args, message", [(("--kind", "ppo"), "choose one of dpo, grpo, reward_model, sft"),
                                            (("no_such_key",), "no recipe key contains 'no_such_key'")])
 def test_keys_rejects_an_unknown_kind_or_key(args, message):
     result, _ = run("recipe", "keys", *args)

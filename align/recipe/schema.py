@@ -243,7 +243,8 @@ class DPOStage(StageBase):
     """Offline preference optimisation (DPO, Rafailov et al. 2023; IPO, Azar et al. 2023) on
     preference pairs, the same files a reward_model stage reads. Defaults are TRL 1.16's DPOConfig."""
 
-    kind: Literal["dpo"]
+    kind: Literal["dpo"] = Field(description="`dpo`: offline preference optimisation on chosen/rejected pairs "
+                                             "against a reference policy (no sampling, no reward model).")
     data: Annotated[list[DataSource], Field(min_length=1)] = Field(description=(
         "Preference files (prompt, chosen, rejected), as for a reward_model stage; "
         "`align data pairs` writes them from the policy's own samples."))
