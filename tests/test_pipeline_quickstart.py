@@ -78,7 +78,7 @@ def test_rerun_skips_sft_and_resumes_reasoning(killed_and_rerun):
     assert after["reasoning"]["summary"]["steps"] == 5
     for rm in ("helpful_rm", "safety_rm"):  # standardisation the scorer applies to this RM's logits
         calibration = json.loads((killed_and_rerun["run"] / rm / "final" / "reward_calibration.json").read_text())
-        assert calibration["scale"] > 0 and calibration["center"] == after[rm]["summary"]["score_center"]
+        assert calibration["scale"] > 0 and calibration["center"] == after[rm]["summary"]["score_center (after)"]
 
 
 def test_run_ends_with_the_side_by_side_evaluation(killed_and_rerun):
