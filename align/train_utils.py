@@ -37,10 +37,17 @@ def make_accelerator(stage, log_dir: str | Path | None = None, report_to: list[s
     `accelerate launch --multi_gpu --num_processes 2` gives two gloo ranks on a CPU machine
     (without it each process believes it is alone; see recipes/accelerate/cpu_ddp2.yaml)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     trackers = [t for t in (report_to or []) if t != "none"]
+    precision = resolve_mixed_precision(stage.bf16)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # accelerate keeps one state per process and refuses a new precision; stages of one recipe
+        # may differ (an SFT stage in bf16 after one in float32): start the state over, keeping
+        # the process group (PartialState)
+        AcceleratorState._reset_state()
     return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision=resolve_mixed_precision(stage.bf16),
+                       mixed_precision=precision,
                        gradient_accumulation_steps=1,
                        log_with=trackers or None, project_dir=str(log_dir) if log_dir else None)
 

@@ -140,3 +140,11 @@ def test_fsdp2_refusals_name_the_reason(kind, reason, model_dir, data, tmp_path)
         update={"strategy": "fsdp2"})})
     with pytest.raises(AlignError, match=reason):
         run(ctx)
+
+
+def test_stages_of_one_process_may_differ_in_precision(model_dir, data, tmp_path):
+    """accelerate keeps one state per process and refuses a new mixed precision; a recipe whose
+    stages differ (float32, then bf16 autocast) must still run them one after the other."""
+    first = run(context(tmp_path / "fp32", model_dir, data, "sft", max_steps=1, bf16=False))
+    second = run(context(tmp_path / "bf16", model_dir, data, "sft", max_steps=1, bf16=True))
+    assert first.summary["steps"] == second.summary["steps"] == 1
