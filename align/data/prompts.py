@@ -31,6 +31,12 @@ class PromptSet:
         return PromptSet([self.ids[i] for i in idx], [self.prompts[i] for i in idx],
                          {k: [v[i] for i in idx] for k, v in self.columns.items()})
 
+    @classmethod
+    def concat(cls, parts: list["PromptSet"]) -> "PromptSet":
+        """The parts' rows one after the other (the parts share their columns)."""
+        return cls([i for p in parts for i in p.ids], [q for p in parts for q in p.prompts],
+                   {k: [v for p in parts for v in p.columns[k]] for k in parts[0].columns})
+
     def repeat(self, g: int) -> "PromptSet":
         """Each prompt `g` times in a row: one entry per sample of its group."""
         return PromptSet([p for p in self.ids for _ in range(g)], [p for p in self.prompts for _ in range(g)],

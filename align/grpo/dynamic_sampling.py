@@ -70,8 +70,7 @@ def fill_batch(generate: Callable[[int], tuple[list[Any], PromptSet, Any]], grou
             break
     dropped = len(spare)
     chosen = kept[:groups] + spare[:max(0, groups - len(kept))]
-    rows = PromptSet([i for _, r, _ in chosen for i in r.ids], [p for _, r, _ in chosen for p in r.prompts],
-                     {k: [v for _, r, _ in chosen for v in r.columns[k]] for k in chosen[0][1].columns})
-    return Rollout([s for group, _, _ in chosen for s in group], rows, [t for _, _, ts in chosen for t in ts],
+    return Rollout([s for group, _, _ in chosen for s in group], PromptSet.concat([r for _, r, _ in chosen]),
+                   [t for _, _, ts in chosen for t in ts],
                    first_metrics, {"dynamic/rounds": float(rounds), "dynamic/dropped_groups": float(dropped),
                                    "dynamic/filled": float(max(0, groups - len(kept)))})
