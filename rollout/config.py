@@ -5,7 +5,7 @@ Self-contained on purpose (imports nothing from align.recipe.schema): the recipe
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
@@ -25,6 +25,10 @@ class RolloutConfig(BaseModel):
     kv_cache_gb: float = Field(1.0, gt=0, description="Colocated vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when set, wins).")
     sleep: bool = Field(False, description="Colocated vllm: release its memory while training (sleep mode; a no-op where the platform lacks it, e.g. CPU).")
     max_num_seqs: int = Field(256, ge=1, description="Colocated vllm: sequences decoded at once (vLLM `max_num_seqs`).")
+    tensor_parallel_size: int = Field(1, ge=1, description="Colocated vllm: GPUs one engine shards its weights over (vLLM `tensor_parallel_size`). For `vllm serve` rollout servers, pass `--tensor-parallel-size` to `align rollout serve --engine vllm` instead.")
+    enable_expert_parallel: bool = Field(False, description="Colocated vllm, MoE models: place experts across the tensor-parallel ranks instead of sharding each expert (vLLM `enable_expert_parallel`). Servers: `--enable-expert-parallel`.")
+    max_model_len: int | None = Field(None, ge=1, description="Colocated vllm: longest prompt + completion in tokens; bounds the KV cache per sequence (null = the model's `max_position_embeddings`). Servers: `--max-model-len`.")
+    enforce_eager: bool = Field(False, description="Colocated vllm: no CUDA graphs / torch.compile; slower decoding, faster start and less memory (vLLM `enforce_eager`). Servers: `--enforce-eager`.")
     batch_size: int | None = Field(None, ge=1, description="Colocated hf: prompts per generate call (each with its whole group); null = the whole batch.")
     timeout_s: float = Field(600.0, gt=0, description="mode: server: seconds to wait for one worker request (and, engine: vllm, for one weight transfer).")
     retries: int = Field(2, ge=0, description="mode: server: extra attempts of a failed request, each on another live worker.")
@@ -37,7 +41,18 @@ class RolloutConfig(BaseModel):
                              "or set mode: colocate")
         if self.mode == "colocate" and self.servers:
             raise ValueError("rollout.servers is set but rollout.mode is 'colocate': set mode: server to use them")
+        scale = {k: v for k, v in self.vllm_scale().items() if v != type(self).model_fields[k].default}
+        if scale and (self.engine != "vllm" or self.mode != "colocate"):
+            where = ("the hf engine has no such setting" if self.engine == "hf" else
+                     "vllm serve processes take them at start: `align rollout serve --engine vllm "
+                     + " ".join("--" + k.replace("_", "-") for k in scale) + "`")
+            raise ValueError(f"rollout.{', rollout.'.join(scale)}: colocated vllm settings; {where}")
         return self
+
+    def vllm_scale(self) -> dict[str, Any]:
+        """The parallelism and length settings, as `vllm.LLM` keyword arguments."""
+        return {k: getattr(self, k) for k in ("tensor_parallel_size", "enable_expert_parallel", "max_model_len",
+                                                "enforce_eager")}
 
     @property
     def server_urls(self) -> list[str]:

@@ -43,7 +43,8 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
     from rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(model, dtype=cfg.dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                      kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs, sleep=cfg.sleep)
+                      kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs, sleep=cfg.sleep,
+                      **cfg.vllm_scale())
 
 
 def build_policy_engine(cfg: RolloutConfig, policy, init_model: str | Path, tokenizer, *, seed: int,

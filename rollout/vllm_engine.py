@@ -102,7 +102,8 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 1.0,
                  max_num_seqs: int = 256, max_model_len: int | None = None, sleep: bool = False,
-                 sleep_level: int = 1):
+                 sleep_level: int = 1, tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 enforce_eager: bool = False):
         if not Path(model_dir, "config.json").is_file():
             raise AlignError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm reads it
@@ -127,7 +128,8 @@ class VLLMEngine:
         _forget_previous_engine()
         self.llm = vllm.LLM(
             str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+            enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
             enable_sleep_mode=self.supports_sleep, logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightSyncExtension", **cpu)
         self.sleep_level = sleep_level

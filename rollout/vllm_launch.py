@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent  # the directory holding align/ an
 
 def vllm_serve_command(model: str | Path, host: str, port: int, *, dtype: str = "auto", seed: int = 0,
                        kv_cache_gb: float = 1.0, max_model_len: int | None = None,
+                       tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                       enable_expert_parallel: bool = False, enforce_eager: bool = False,
                        cpu: bool = True) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) of one rollout server."""
+    """(argv, extra environment) of one rollout server; parallelism flags only when not vLLM's default."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", host, "--port", str(port), "--dtype", dtype, "--seed", str(seed),
             "--weight-transfer-config", json.dumps({"backend": "gloo"}),
@@ -35,6 +37,11 @@ def vllm_serve_command(model: str | Path, host: str, port: int, *, dtype: str = 
             "--logprobs-mode", "processed_logprobs"]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
+    for flag, size in (("--tensor-parallel-size", tensor_parallel_size), ("--data-parallel-size", data_parallel_size)):
+        if size != 1:
+            argv += [flag, str(size)]
+    argv += [flag for flag, on in (("--enable-expert-parallel", enable_expert_parallel),
+                                   ("--enforce-eager", enforce_eager)) if on]
     if cpu:
         argv.append("--no-enable-chunked-prefill")
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):

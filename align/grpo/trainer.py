@@ -59,7 +59,7 @@ class GRPOTrainer(StageTrainer):
         super().__init__(ctx, accelerator, guard)
         refuse_sharding(recipe, accelerator, "grpo", "generation and the weight sync are not rank-symmetric yet")
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
-        self.ref = None
+        self.ref, self.tokens = None, 0  # tokens: non-padding tokens trained, over every resumed run
         if stage.beta > 0 and stage.reference == "frozen_copy":
             self.ref = load_causal_lm(ctx.init_model, dtype=recipe.model.dtype,
                                       trust_remote_code=recipe.model.trust_remote_code,
@@ -157,6 +157,7 @@ class GRPOTrainer(StageTrainer):
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
             n_tokens = global_token_count(acc, int(tensors["completion_mask"].sum()))
+            self.tokens += stage.num_iterations * global_token_count(acc, int(tensors["attention_mask"].sum()))
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
             for it in range(stage.num_iterations):
                 self.model.train()
@@ -233,15 +234,16 @@ class GRPOTrainer(StageTrainer):
         return heldout_means(self.acc, scored.components, rows.columns.get("category"), categories)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version}
+        return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version,
+                "tokens": self.tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards.load_state_dict(state["rewards"])
-        self.engine.weight_version = state["weight_version"]
+        self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.total_steps * self.stage.prompts_per_step * self.stage.group_size,
-                "prompts_truncated": self.prompts.truncated}
+                "tokens": self.tokens, "prompts_truncated": self.prompts.truncated}
 
 
 def run(ctx: StageContext) -> StageResult:
