@@ -147,7 +147,8 @@ def pairs_cmd(
 
     stats = PairStats()
     write_rows(sample_pairs(model, prompts, reward_model, n_samples=n_samples, seed=seed, temperature=temperature,
-                            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats), out)
+                            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats,
+                            progress=True), out)
     typer.echo(f"wrote {stats.pairs:,} pairs to {out} from {stats.prompts:,} prompts ({stats.samples_generated:,} "
                f"samples; skipped {stats.ties} all-tied, {stats.unusable} identical or empty)")
     if not stats.pairs:

@@ -44,8 +44,11 @@ def label_pair(scores: list[float]) -> tuple[int, int] | None:
 def sample_pairs(model: str | Path, prompts: str | Path, reward_model: str | Path, *, n_samples: int = 2,
                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
                  max_prompt_len: int = 512, batch_size: int = 16,
-                 stats: PairStats | None = None) -> Iterator[dict[str, Any]]:
-    """Preference rows for every prompt of `prompts` with a usable pair; `stats` counts them."""
+                 stats: PairStats | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Preference rows for every prompt of `prompts` with a usable pair; `stats` counts them.
+    `progress`: a bar over the prompts on the console (generation is the long part)."""
+    from rich.progress import track
+
     from align.data.prompts import as_completions, completion_texts, load_prompts
     from align.models.load import load_tokenizer
     from align.recipe.schema import DataSource
@@ -61,7 +64,8 @@ def sample_pairs(model: str | Path, prompts: str | Path, reward_model: str | Pat
     prompt_set = load_prompts([DataSource(path=str(prompts))], tokenizer, max_prompt_len)
     engine = build_engine(RolloutConfig(engine="hf", dtype="float32"), model, seed=seed)
     scorer = RewardModelScorer(reward_model, batch_size=batch_size)
-    for start in range(0, len(prompt_set), batch_size):
+    starts = range(0, len(prompt_set), batch_size)
+    for start in track(starts, description=f"sampling {n_samples} per prompt", disable=not progress):
         batch = prompt_set.take(list(range(start, min(start + batch_size, len(prompt_set)))))
         sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                   seed=seed * 1_000_003 + start * n_samples, logprobs=False)
