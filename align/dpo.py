@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from align.data.batching import epoch_order
 from align.data.mixture import held_out_split
 from align.errors import AlignError
-from align.sharding import refuse_sharding
+from align.sharding import is_sharded, reference_for_stage
 from align.grpo.logprobs import token_logprobs
 from align.loop import StageTrainer, run_stage
 from align.recipe.schema import DPOStage
 from align.reward_model import _messages
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, global_token_count, maybe_no_sync, optimizer_step,
-                               prepare_training, reduce_sum, step_plan)
+from align.train_utils import (NonFiniteGuard, backward, even_batches, global_token_count, maybe_no_sync,
+                               optimizer_step, prepare_training, reduce_sum, step_plan)
 
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -182,7 +182,6 @@ class DPOTrainer(StageTrainer):
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
         super().__init__(ctx, accelerator, guard)
-        refuse_sharding(ctx.recipe, accelerator, "dpo", "its reference pass is not rank-symmetric yet")
         stage: DPOStage = ctx.stage
         recipe = ctx.recipe
         self.pad_id = self.tokenizer.pad_token_id
@@ -196,7 +195,7 @@ class DPOTrainer(StageTrainer):
         self.policy = accelerator.unwrap_model(self.model)
         self.ref, self.ref_logps = None, None
         if stage.reference == "frozen_copy":
-            self.ref = self._starting_model().requires_grad_(False)
+            self.ref = self._starting_model()
         elif stage.reference == "precomputed":
             self.ref_logps = self._precomputed()
         self.model.train()
@@ -205,12 +204,8 @@ class DPOTrainer(StageTrainer):
     # ---------------------------------------------------------------- reference
 
     def _starting_model(self):
-        """A fresh copy of the stage's starting model, in eval mode, on this rank's device."""
-        from align.models.load import load_causal_lm
-
-        cfg = self.ctx.recipe.model
-        return load_causal_lm(self.ctx.init_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                              allow_pickle=cfg.allow_pickle_weights).eval().to(self.acc.device)
+        """A frozen copy of the stage's starting model, placed like the policy (sharded under fsdp2)."""
+        return reference_for_stage(self.ctx.recipe, self.stage, self.ctx.init_model, self.acc)
 
     def _precomputed(self) -> torch.Tensor:
         """Reference log-probs `[pairs, 2]` (chosen, rejected) of every pair, train and eval. A
@@ -232,18 +227,25 @@ class DPOTrainer(StageTrainer):
         self.acc.wait_for_everyone()
         return logps
 
+    def _shares(self, rows) -> list:
+        """This rank's batches of `rows` (positions into it), padded with None so that every rank
+        runs as many forwards (`even_batches`; under FSDP2 each forward is a collective); unsharded,
+        the padding is dropped. Each entry: (positions, whether they are real rows)."""
+        bs, rank, world = self.stage.per_device_batch_size, self.acc.process_index, self.acc.num_processes
+        return [(list(r or range(1)), r is not None) for r in even_batches(len(rows), bs, rank, world)
+                if r is not None or is_sharded(self.policy)]
+
     @torch.no_grad()
     def _score_all(self, model) -> torch.Tensor:
         """Sequence log-probs of every pair under `model`; each rank scores its share, one reduce."""
-        acc, bs = self.acc, self.stage.per_device_batch_size
+        acc = self.acc
         was_training = model.training
         model.eval()
         out = torch.zeros(len(self.pairs), 2, dtype=torch.float64, device=acc.device)
-        mine = list(range(acc.process_index, len(self.pairs), acc.num_processes))
-        for start in range(0, len(mine), bs):
-            idx = mine[start:start + bs]
+        for idx, real in self._shares(range(len(self.pairs))):
             logps, _ = sequence_logps(model, self._batch(self.pairs.take(idx)))
-            out[idx] = torch.stack(logps.chunk(2), dim=1).double()
+            if real:
+                out[idx] = torch.stack(logps.chunk(2), dim=1).double()
         model.train(was_training)
         return reduce_sum(acc, out).float().cpu()
 
@@ -296,17 +298,17 @@ class DPOTrainer(StageTrainer):
         through the unwrapped model, then one reduce."""
         if not len(self.eval_idx):
             return {}
-        acc, bs = self.acc, self.stage.per_device_batch_size
+        acc = self.acc
         self.policy.eval()
         totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=acc.device)
-        mine = self.eval_idx[acc.process_index::acc.num_processes]
-        for start in range(0, len(mine), bs):
-            idx = mine[start:start + bs]
+        for pos, real in self._shares(self.eval_idx):
+            idx = self.eval_idx[pos]
             batch = self._batch(self.pairs.take(idx))
             ref = self._reference(idx, batch)
             with acc.autocast():
                 logps, lengths = sequence_logps(self.policy, batch)
-            totals += _sums(*dpo_loss(logps, ref, lengths, self.stage.beta, self.stage.loss_type), logps)
+            if real:
+                totals += _sums(*dpo_loss(logps, ref, lengths, self.stage.beta, self.stage.loss_type), logps)
         self.model.train()
         return _means(reduce_sum(acc, totals), "eval_")
 

@@ -7,8 +7,9 @@ code a GPU user runs. Here every rank calls `shard_model` itself; the accelerato
 process group and device, and the sharded model is never passed to `accelerator.prepare`.
 
 What lives here:
-- `shard_model` / `shard_reference`: `fully_shard` on every decoder layer (found from the model's
-  own `_no_split_modules`, so dense, MoE and LoRA-wrapped models are treated alike), then the root;
+- `shard_model` / `shard_reference` / `reference_for_stage`: `fully_shard` on every decoder layer
+  (found from the model's own `_no_split_modules`, so dense, MoE and LoRA-wrapped models are treated
+  alike), then the root; the frozen reference of GRPO and DPO is sharded like the policy;
 - `gathered_weights`: the full weights under Hugging Face checkpoint names (LoRA merged, MoE experts
   unfused), gathered shard by shard onto rank 0 only and yielded in groups of bounded size: what the
   rollout engine and `final/` receive, never a full copy per rank;
@@ -56,13 +57,6 @@ def resolve_strategy(distributed, accelerator=None) -> str:
     return distributed.strategy
 
 
-def refuse_sharding(recipe, accelerator, kind: str, why: str) -> None:
-    """Stages not wired for FSDP2 yet say so, with the reason, instead of training unsharded."""
-    if resolve_strategy(recipe.distributed, accelerator) == "fsdp2":
-        raise AlignError(f"distributed.strategy: fsdp2 is not supported by {kind} stages yet: {why}; use "
-                         "strategy: ddp for them (docs/scaling.md says which paths have run)")
-
-
 def shard_for_stage(model: nn.Module, distributed, stage, accelerator) -> nn.Module:
     """What a stage calls instead of `accelerator.prepare(model)` under fsdp2: shard on the
     accelerator's device, gathering layers in bfloat16 when the stage trains in bf16."""
@@ -71,6 +65,22 @@ def shard_for_stage(model: nn.Module, distributed, stage, accelerator) -> nn.Mod
     dtype = torch.bfloat16 if resolve_mixed_precision(stage.bf16) == "bf16" else None
     return shard_model(model, accelerator.device, reshard_after_forward=distributed.reshard_after_forward,
                        param_dtype=dtype)
+
+
+def reference_for_stage(recipe, stage, init_model, accelerator) -> nn.Module:
+    """The frozen reference (the stage's starting model, `reference: frozen_copy`) placed like the
+    policy: sharded the same way under fsdp2 (1/world per rank, every forward a collective), else
+    a whole copy on this rank's device. Never passed to `accelerator.prepare`."""
+    from align.models.load import load_causal_lm
+    from align.train_utils import resolve_mixed_precision
+
+    cfg = recipe.model
+    ref = load_causal_lm(init_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         allow_pickle=cfg.allow_pickle_weights).eval().requires_grad_(False)
+    if resolve_strategy(recipe.distributed, accelerator) != "fsdp2":
+        return ref.to(accelerator.device)
+    dtype = torch.bfloat16 if resolve_mixed_precision(stage.bf16) == "bf16" else None
+    return shard_reference(ref, accelerator.device, param_dtype=dtype)
 
 
 def device_mesh(device: torch.device | str):

@@ -48,15 +48,11 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
 
 
 def build_policy_engine(cfg: RolloutConfig, policy, init_model: str | Path, tokenizer, *, seed: int,
-                        record_routes: bool, resumed: bool) -> tuple[RolloutEngine, bool]:
+                        record_routes: bool) -> tuple[RolloutEngine, bool]:
     """The engine a GRPO stage generates with, and whether it shares the policy's own tensors
     (HF engine, colocated: generation reads the training weights, so a sync is free). Any other
-    engine loads `init_model`; a resumed stage's engine is brought to the policy's weights."""
+    engine loads `init_model`; a resumed stage brings it to the checkpoint's weights once they are
+    loaded (the trainer's `load_state_dict`: a sharded policy gets them only then)."""
     if cfg.engine == "hf" and cfg.mode == "colocate":
         return build_engine(cfg, policy, tokenizer, record_routes=record_routes), True
-    engine = build_engine(cfg, init_model, tokenizer, seed=seed, record_routes=record_routes)
-    if resumed:
-        from align.weights import policy_weights
-
-        engine.update_weights(policy_weights(policy))
-    return engine, False
+    return build_engine(cfg, init_model, tokenizer, seed=seed, record_routes=record_routes), False

@@ -9,6 +9,12 @@ Logprobs: `Sample.logprobs[t]` is log softmax(logits / T) of the sampled token, 
 truncation. That is exactly what the GRPO trainer recomputes for π_old, so the two agree up to
 numerics. At temperature 0 (greedy) T is taken as 1. They are gathered step by step
 (`LogprobRecorder`) rather than from `output_logits`, which would keep rows × steps × vocab floats.
+
+Sharded policy (FSDP2, several ranks): every forward all-gathers the parameters, so all ranks run
+in lock-step: `generate(synced_gpus=True)` keeps a rank that finished decoding in the loop until
+every rank has (transformers all-reduces a "still running" flag each token), the ranks agree on
+the number of generate calls (all-reduce max; a rank with fewer prompts or chunks runs stand-in
+calls whose output is discarded), and a chunk with nothing to prefill runs a stand-in forward.
 """
 
 from __future__ import annotations
@@ -101,6 +107,25 @@ def sampling_warpers(sampling: SamplingParams) -> list:
     return warpers
 
 
+def lockstep_ranks(model) -> bool:
+    """True when `model` is sharded (FSDP2) over several ranks: each of its forwards all-gathers
+    the parameters, so every rank must run as many forwards as the others, in lock-step."""
+    import torch.distributed as dist
+
+    from align.sharding import is_sharded
+
+    return dist.is_initialized() and dist.get_world_size() > 1 and is_sharded(model)
+
+
+def most_over_ranks(count: int, device) -> int:
+    """The largest `count` over all ranks (a collective)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
 class HFEngine:
     """`RolloutEngine` over a transformers causal LM, in memory or loaded from a directory.
 
@@ -125,6 +150,7 @@ class HFEngine:
         if not self.eos_ids:
             raise AlignError("model has no eos_token_id (generation_config.json or tokenizer); set one")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.lockstep = lockstep_ranks(model)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -154,13 +180,18 @@ class HFEngine:
                 state[name].copy_(tensor)
         self.weight_version += 1
 
+    @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], n: int,
                  sampling: SamplingParams) -> list[list[Sample]]:
         step = self.batch_size or max(1, len(prompt_token_ids))
+        starts = range(0, len(prompt_token_ids), step)
         groups: list[list[Sample]] = []
-        for start in range(0, len(prompt_token_ids), step):
+        for start in starts:
             chunk = prompt_token_ids[start:start + step]
             groups += self._generate_chunk(chunk, n, sampling, seed=sampling.seed + start * n)
+        if self.lockstep:  # as many generate calls as the busiest rank, on a stand-in prompt, discarded
+            for _ in range(most_over_ranks(len(starts), self.model.device) - len(starts)):
+                self._generate_chunk([[self.pad_id]], 1, sampling, seed=sampling.seed)
         return groups
 
     def _route_recorder(self):
@@ -189,6 +220,8 @@ class HFEngine:
             self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                        position_ids=position_ids[:, :-1], past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(n)
+        elif self.lockstep:  # the other ranks prefill: run the same forward, on a stand-in, discarded
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         return cache
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
@@ -211,7 +244,7 @@ class HFEngine:
                 past_key_values=cache, generation_config=config,
                 logits_processor=LogitsProcessorList([recorder.processor, *sampling_warpers(sampling)]),
                 stopping_criteria=StoppingCriteriaList([recorder.criterion]),
-                tokenizer=self.tokenizer if sampling.stop else None)
+                tokenizer=self.tokenizer if sampling.stop else None, synced_gpus=self.lockstep)
         new = out[:, ids.shape[1]:]
         logps = recorder.logprobs() if sampling.logprobs else None
         # one decode step per new token: the last len(new) routed positions produced them

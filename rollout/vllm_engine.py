@@ -73,6 +73,18 @@ def _forget_previous_engine() -> None:
         dist.destroy_process_group()
 
 
+def refuse_several_ranks() -> None:
+    """Colocated vLLM inside a multi-rank training run is not supported: started under a 2-rank
+    torchrun it hung at start (measured), and an in-process engine tears down torch's process
+    group when it is replaced (`_forget_previous_engine`)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise AlignError(f"rollout.engine: vllm with mode: colocate runs in a single training process only "
+                         f"(this run has {dist.get_world_size()} ranks); use rollout.mode: server (`align "
+                         "rollout serve` or `vllm serve`) or rollout.engine: hf for multi-rank runs")
+
+
 def reload_into(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint-format (HF-named) tensors into a live vLLM worker, in place."""
     if hasattr(worker, "reload_weights"):
@@ -106,6 +118,7 @@ class VLLMEngine:
                  enforce_eager: bool = False):
         if not Path(model_dir, "config.json").is_file():
             raise AlignError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+        refuse_several_ranks()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm reads it
         vllm = import_vllm()
         from vllm.platforms import current_platform

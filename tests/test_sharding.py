@@ -62,7 +62,7 @@ def reports(out: Path) -> tuple[dict, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_sharded_ranks_equal_one_process(variant, sharded_run, tmp_path):
-    from align.grpo.trainer import policy_weights
+    from align.weights import policy_weights
     from transformers import AutoModelForCausalLM
 
     out, model_dir, lora = sharded_run(variant)
@@ -139,7 +139,7 @@ def test_sharded_checkpoint_sigkill_resume_equals_uninterrupted(sharded_run, mod
 def test_gathered_weights_unsharded_equal_policy_weights(arch, lora, request):
     """Without sharding `gathered_weights` is the trainer's weight sync: LoRA merged with peft's
     maths (a nano DeepSeek-V2 LoRA wraps its expert tensors too), experts unfused, in groups."""
-    from align.grpo.trainer import policy_weights
+    from align.weights import policy_weights
     from align.train_utils import build_optimizer
 
     model = worker.build(str(request.getfixturevalue(arch)), lora)

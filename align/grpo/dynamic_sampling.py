@@ -12,7 +12,9 @@ drops such groups and samples more prompts until the batch is full again. Here:
   - after `max_rounds` rounds a batch still short of groups with spread is topped up with the
     dropped ones (advantage 0, they change nothing but the loss normaliser), so every step trains
     the same number of samples on every rank and micro-batching stays valid;
-  - each rank fills its own share (groups never cross ranks), so no collective runs between rounds.
+  - each rank fills its own share (groups never cross ranks); under FSDP2 the ranks agree after
+    each round whether all are full (`agree`), since every round's forwards are collectives: a
+    rank already full runs the extra rounds too and keeps its first groups (same batch).
 Metrics: `dynamic/rounds`, `dynamic/dropped_groups` (zero-spread groups seen), `dynamic/filled`
 (zero-spread groups trained because the bound was hit).
 """
@@ -52,9 +54,10 @@ def groups_with_spread(totals: Sequence[float | None], group_size: int, min_std:
 
 
 def fill_batch(generate: Callable[[int], tuple[list[Any], PromptSet, Any]], groups: int, group_size: int,
-               max_rounds: int, min_std: float) -> Rollout:
+               max_rounds: int, min_std: float, agree: Callable[[bool], bool] = bool) -> Rollout:
     """Call `generate(round)` (→ samples, rows, scored batch of whole groups) until `groups`
-    groups with spread are in hand or `max_rounds` rounds have run; see the module docstring."""
+    groups with spread are in hand (on every rank, as `agree` says) or `max_rounds` rounds have
+    run; see the module docstring."""
     kept: list[tuple[list[Any], PromptSet, list]] = []
     spare: list[tuple[list[Any], PromptSet, list]] = []
     first_metrics: dict[str, Any] = {}
@@ -66,7 +69,7 @@ def fill_batch(generate: Callable[[int], tuple[list[Any], PromptSet, Any]], grou
             part = slice(g * group_size, (g + 1) * group_size)
             group = (samples[part], rows.take(list(range(part.start, part.stop))), scored.total[part])
             (kept if spread else spare).append(group)
-        if len(kept) >= groups:
+        if agree(len(kept) >= groups):
             break
     dropped = len(spare)
     chosen = kept[:groups] + spare[:max(0, groups - len(kept))]

@@ -38,11 +38,10 @@ from align.grpo.metrics import PhaseTimer, completion_metrics, heldout_means, me
 from align.loop import StageTrainer, run_stage
 from align.moe import ensure_replay_supported, moe_gates, replaying, router_stats, routes_to_batch
 from align.offload import OffloadGroup
-from align.sharding import refuse_sharding
+from align.grpo.sharded import every_rank_done, sync_engine
+from align.sharding import reference_for_stage
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, global_token_count,
-                               load_trainable_model, maybe_no_sync, optimizer_step)
-from align.weights import policy_weights
+from align.train_utils import NonFiniteGuard, backward, global_token_count, maybe_no_sync, optimizer_step, prepare_training
 from rollout.base import SamplingParams
 
 
@@ -50,28 +49,21 @@ class GRPOTrainer(StageTrainer):
     headline = "reward"
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_causal_lm
         from rewards.reward_set import RewardSet
         from rollout.factory import build_policy_engine
 
         stage, recipe, self.world = ctx.stage, ctx.recipe, accelerator.num_processes
         self.micro, self.loss_options = micro_batch_size(stage, self.world), loss_options(stage)
         super().__init__(ctx, accelerator, guard)
-        refuse_sharding(recipe, accelerator, "grpo", "generation and the weight sync are not rank-symmetric yet")
-        model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
-        self.ref, self.tokens = None, 0  # tokens: non-padding tokens trained, over every resumed run
-        if stage.beta > 0 and stage.reference == "frozen_copy":
-            self.ref = load_causal_lm(ctx.init_model, dtype=recipe.model.dtype,
-                                      trust_remote_code=recipe.model.trust_remote_code,
-                                      allow_pickle=recipe.model.allow_pickle_weights).eval()
-            self.ref.requires_grad_(False).to(accelerator.device)
         self.prompts = load_prompts(stage.prompts, self.tokenizer, stage.max_prompt_len)
-        optimizer = build_optimizer(model, stage)
         self.total_steps = stage.max_steps or max(1, math.ceil(
             stage.epochs * max(1, len(self.prompts) // stage.prompts_per_step)))
-        self.scheduler = build_scheduler(optimizer, stage, self.total_steps * stage.num_iterations)  # μ per step
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model, self.optimizer, self.scheduler = prepare_training(  # μ optimizer steps per step
+            accelerator, recipe, stage, ctx.init_model, ctx.resume_from, self.total_steps * stage.num_iterations)
         self.policy = accelerator.unwrap_model(self.model)
+        self.tokens = 0  # non-padding tokens trained, over every resumed run
+        self.ref = (reference_for_stage(recipe, stage, ctx.init_model, accelerator)
+                    if stage.beta > 0 and stage.reference == "frozen_copy" else None)
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
         self.rewards = RewardSet(ctx.reward_specs(), stage.reward_isolation)
@@ -83,7 +75,7 @@ class GRPOTrainer(StageTrainer):
                                  "set routing_replay: false")
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
-            record_routes=stage.routing_replay, resumed=ctx.resume_from is not None)
+            record_routes=stage.routing_replay)
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
 
@@ -123,7 +115,8 @@ class GRPOTrainer(StageTrainer):
         if (ds := stage.dynamic_sampling) is None:
             samples, rows, scored = generate(0)
             return Rollout(samples, rows, scored.total, scored.metrics, {})
-        return fill_batch(generate, stage.prompts_per_step // self.world, stage.group_size, ds.max_rounds, ds.min_std)
+        return fill_batch(generate, stage.prompts_per_step // self.world, stage.group_size, ds.max_rounds, ds.min_std,
+                          agree=every_rank_done(self.policy, self.acc.device))
 
     def train_step(self, step: int, log: bool) -> dict[str, float]:
         stage, acc, timer, micro = self.stage, self.acc, PhaseTimer(), self.micro
@@ -169,7 +162,7 @@ class GRPOTrainer(StageTrainer):
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, step)
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
-            self.engine.update_weights([] if self.shares_policy else policy_weights(self.policy))
+            self._sync_engine()
         metrics.update({k: float(v) for k, v in {**adv_metrics, **kl_metrics, **batch.reward_metrics,
                                                  **batch.metrics}.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
@@ -237,7 +230,13 @@ class GRPOTrainer(StageTrainer):
         return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version,
                 "tokens": self.tokens}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _sync_engine(self) -> None:
+        sync_engine(self.engine, self.policy, self.shares_policy, self.ctx.recipe.distributed.sync_group_mb,
+                    self.acc.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # after the checkpoint's weights are in
+        if not self.shares_policy:
+            self._sync_engine()
         self.rewards.load_state_dict(state["rewards"])
         self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]
 

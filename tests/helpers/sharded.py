@@ -106,7 +106,7 @@ def gathered_check(model, model_dir: str, lora: bool, full: dict | None) -> dict
     report = {"groups": len(groups), "empty": all(not g for g in groups)}
     if full is None:
         return report
-    from align.grpo.trainer import policy_weights
+    from align.weights import policy_weights
 
     plain = build(model_dir, lora)
     plain.load_state_dict(full)
