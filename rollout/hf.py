@@ -185,13 +185,15 @@ class HFEngine:
                  sampling: SamplingParams) -> list[list[Sample]]:
         step = self.batch_size or max(1, len(prompt_token_ids))
         starts = range(0, len(prompt_token_ids), step)
+        # lock-step: as many generate calls as the busiest rank, agreed before the first one; the
+        # extra calls run on a stand-in prompt and are discarded
+        calls = most_over_ranks(len(starts), self.model.device) if self.lockstep else len(starts)
         groups: list[list[Sample]] = []
         for start in starts:
             chunk = prompt_token_ids[start:start + step]
             groups += self._generate_chunk(chunk, n, sampling, seed=sampling.seed + start * n)
-        if self.lockstep:  # as many generate calls as the busiest rank, on a stand-in prompt, discarded
-            for _ in range(most_over_ranks(len(starts), self.model.device) - len(starts)):
-                self._generate_chunk([[self.pad_id]], 1, sampling, seed=sampling.seed)
+        for _ in range(calls - len(starts)):
+            self._generate_chunk([[self.pad_id]], 1, sampling, seed=sampling.seed)
         return groups
 
     def _route_recorder(self):
