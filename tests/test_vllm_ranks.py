@@ -1,6 +1,6 @@
 """Colocated vLLM refuses a multi-rank training run (it hung under a 2-rank torchrun, and an
 in-process engine tears down torch's process group): two real gloo ranks get the AlignError
-before vLLM is imported; a single process is let through."""
+before vLLM is imported."""
 
 from __future__ import annotations
 
