@@ -32,8 +32,10 @@ class TinyModelSpec(Strict):
     size: Literal["nano", "tiny", "small", "medium"] = Field(
         "tiny", description="nano (~0.2M parameters, unit tests), tiny (~1.1M, quickstart), small (~5M) or "
                             "medium (~32M, benchmarks): random weights and a BPE tokenizer trained offline.")
-    arch: Literal["qwen2", "deepseek_v2"] = Field(
-        "qwen2", description="qwen2 (dense) or deepseek_v2 (MoE: routed + shared experts and MLA attention, "
+    arch: Literal["qwen2", "llama", "deepseek_v2"] = Field(
+        "qwen2", description="qwen2 (dense), llama (dense, shaped like SmolLM2-Instruct: tied embeddings, "
+                             "pad = eos, a chat template with a default system prompt and no generation "
+                             "markers) or deepseek_v2 (MoE: routed + shared experts and MLA attention, "
                              "transformers' DeepseekV2ForCausalLM).")
     seed: int = Field(0, description="Seed of the tokenizer corpus and the weights: same seed, same bytes.")
 
