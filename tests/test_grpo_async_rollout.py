@@ -34,6 +34,7 @@ from align.tracking import read_metrics
 from helpers.workers import start_worker, stop, wait_healthy
 from rollout.base import Sample
 
+FIXTURES = Path(__file__).parent / "fixtures"
 STEPS = 5
 RUNNING_COUNTS = ("rollout/requests", "rollout/retries", "rollout/dead_workers", "rollout/samples")
 
@@ -60,7 +61,8 @@ def data(tmp_path_factory) -> Path:
 def stage_body(data: Path, servers: list[str], **extra) -> dict:
     return {"name": "rl", "kind": "grpo", "prompts": str(data / "prompts.jsonl"),
             "eval_prompts": str(data / "eval.jsonl"), "eval_steps": 2,
-            "rewards": [{"name": "math_accuracy"}, {"name": "format", "normalize": "running"}],
+            "rewards": [{"name": "math_accuracy"}, {"name": f"{FIXTURES}/user_rewards.py:char_diversity",
+                                                     "normalize": "running"}],
             "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4, "lr": 1e-3, "beta": 0.04,
             "sampling": {"max_new_tokens": 10}, "max_steps": STEPS, "save_steps": 1, "max_staleness": 1,
             "rollout": {"mode": "server", "servers": servers}, **extra}
