@@ -31,7 +31,7 @@ from align.data.prompts import PromptSet
 from align.recipe.load import load_recipe
 from align.stage import StageContext, StopFlag, TrainingInterrupted
 from align.tracking import read_metrics
-from helpers.workers import start_worker, stop, wait_healthy
+from helpers.workers import running_workers
 from rollout.base import Sample
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -41,13 +41,8 @@ RUNNING_COUNTS = ("rollout/requests", "rollout/retries", "rollout/dead_workers",
 
 @pytest.fixture(scope="module")
 def servers(model_dir):
-    started = [start_worker(model_dir), start_worker(model_dir)]
-    try:
-        for proc, url in started:
-            wait_healthy(proc, url)
-        yield [url for _, url in started]
-    finally:
-        stop(started)
+    with running_workers(model_dir, 2) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

@@ -386,7 +386,8 @@ class GRPOStage(StageBase):
     importance_sampling: ImportanceSamplingConfig | None = Field(
         None, description="Train–rollout mismatch correction (Yao et al. 2025 TIS/MIS; TRL "
         "vllm_importance_sampling_*): {level, mode, cap}. null = no correction (the gap is still "
-        "logged under mismatch/ every step).")
+        "logged under mismatch/ every step). With max_staleness > 0 it also corrects the stale samples: "
+        "on by default there, and null is refused.")
     fp32_lm_head: bool = Field(
         False, description="Run the output head's matmul in float32 for the trainer's log-probs "
         "(policy, π_old, reference) so bf16 rounding of the logits does not widen the trainer–engine "
