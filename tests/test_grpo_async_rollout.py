@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import signal
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,7 @@ from align.data.prompts import PromptSet
 from align.recipe.load import load_recipe
 from align.stage import StageContext, StopFlag, TrainingInterrupted
 from align.tracking import read_metrics
+from helpers.reliability import interrupt_at, max_abs_diff, train, write_recipe
 from helpers.workers import running_workers
 from rollout.base import Sample
 
@@ -146,6 +148,26 @@ def test_stop_and_resume_equals_the_uninterrupted_run(whole, servers, model_dir,
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert comparable(tmp_path / "rl") == comparable(ref_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_the_same_weights(servers, model_dir, data, tmp_path):
+    """A real `align train` killed while a batch is being generated ahead: the batch in flight is
+    lost and generated again after the resume, from the same weights and seeds."""
+    def recipe(name: str) -> Path:
+        body = {**stage_body(data, servers), "eval_prompts": [], "eval_steps": None}
+        return write_recipe(tmp_path / f"{name}.yaml", {"output_dir": str(tmp_path / name), "seed": 3,
+                                                        "model": {"path": str(model_dir)}, "stages": [body]})
+
+    reference = train(recipe("ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = interrupt_at(recipe("run"), tmp_path / "run" / "rl", 3, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = train(recipe("run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-" in resumed.stdout
+    assert max_abs_diff(tmp_path / "ref/rl/final/model.safetensors", tmp_path / "run/rl/final/model.safetensors") == 0
+    assert [r["rollout/staleness_max"] for r in train_rows(tmp_path / "run/rl")] == [0, 1, 1, 1, 1]
 
 
 def test_schedule_and_staleness_counts():
