@@ -18,7 +18,7 @@ push, not their sum.
 
 Correction: the engine's logprobs are those of the behaviour policy (version s − k) and the
 trainer's π_old is the policy at step s, so `importance_sampling` (on by default when k > 0) weights
-each token by min(π_old/π_rollout, C), the decoupled PPO objective AReaL uses for stale samples.
+each token by min(π_old/π_rollout, C), the decoupled PPO objective AReaL (arXiv:2505.24298) uses for stale samples.
 
 Resume: the checkpoint after step t holds the batches already generated, t … t + k (samples,
 rewards, the engine's counts), taken once the batch in flight has finished. The resumed run pushes

@@ -444,8 +444,8 @@ class GRPOStage(StageBase):
             return {**data, "importance_sampling": {}}  # {level: token, mode: truncate, cap: 2.0}
         if data["importance_sampling"] is None:
             raise ValueError(f"stages.{data.get('name')}.importance_sampling: null turns off the correction that "
-                             f"max_staleness: {data['max_staleness']} needs (samples come from weights up to "
-                             f"{data['max_staleness']} steps old); remove the null (default {{level: token, mode: "
+                             f"max_staleness: {data['max_staleness']} needs (a sample may come from weights up to "
+                             f"{data['max_staleness']} optimizer step(s) old); remove the null (default {{level: token, mode: "
                              "truncate, cap: 2.0}) or set max_staleness: 0")
         return data
 
