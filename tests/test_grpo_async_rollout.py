@@ -7,7 +7,9 @@ model with two real `align rollout serve --engine hf` workers, max_staleness: 1.
     weights away from 1, the on-policy first step none;
   - a stop after step 2 checkpoints the two batches generated ahead (steps 2 and 3, from versions
     1 and 2), and the resumed run ends on the uninterrupted run's weights, bit for bit;
+  - so does a real `align train` SIGKILLed while a batch is generated ahead;
   - the refusals name their recipe key.
+Dynamic sampling is on throughout, so a batch ahead is the trainer's whole rollout of its step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def stage_body(data: Path, servers: list[str], **extra) -> dict:
                                                      "normalize": "running"}],
             "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4, "lr": 1e-3, "beta": 0.04,
             "sampling": {"max_new_tokens": 10}, "max_steps": STEPS, "save_steps": 1, "max_staleness": 1,
+            "dynamic_sampling": {"max_rounds": 2, "min_std": 0.25},  # some steps take a second round
             "rollout": {"mode": "server", "servers": servers}, **extra}
 
 
@@ -128,6 +131,7 @@ def test_every_sample_is_at_most_one_version_old_and_corrected(whole):
         assert r["rollout_is/weight_max"] <= 2.0  # the default cap
         assert r["time/rollout_wait"] >= 0 and r["time/sync_wait"] >= 0
     assert result.summary["steps"] == STEPS and math.isfinite(rows[-1]["loss"])
+    assert max(r["dynamic/rounds"] for r in rows) == 2  # so the resume below restores two-round batches too
 
 
 @pytest.mark.slow
