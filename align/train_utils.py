@@ -121,6 +121,15 @@ def load_trainable_model(recipe, stage, init_model: str | Path, resume_from: str
     return model
 
 
+def load_frozen_copy(recipe, init_model: str | Path, device) -> torch.nn.Module:
+    """A frozen copy of a stage's starting model on `device`, in eval mode (a KL reference)."""
+    from align.models.load import load_causal_lm
+
+    model = load_causal_lm(init_model, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                           allow_pickle=recipe.model.allow_pickle_weights).eval()
+    return model.requires_grad_(False).to(device)
+
+
 # ------------------------------------------------------------------------ optimizer + schedule
 
 

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices
+from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices, step_seed
 from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
+from align.grpo.async_rollout import RolloutQueue
 from align.grpo.batch import build_batch, micro_batch_size
 from align.grpo.dynamic_sampling import Rollout, fill_batch
 from align.grpo.logprobs import completion_logprobs
@@ -41,7 +42,7 @@ from align.offload import OffloadGroup
 from align.sharding import refuse_sharding
 from align.stage import StageContext, StageResult
 from align.train_utils import (NonFiniteGuard, backward, build_optimizer, build_scheduler, global_token_count,
-                               load_trainable_model, maybe_no_sync, optimizer_step)
+                               load_frozen_copy, load_trainable_model, maybe_no_sync, optimizer_step)
 from align.weights import policy_weights
 from rollout.base import SamplingParams
 
@@ -50,7 +51,6 @@ class GRPOTrainer(StageTrainer):
     headline = "reward"
 
     def __init__(self, ctx: StageContext, accelerator, guard: NonFiniteGuard):
-        from align.models.load import load_causal_lm
         from rewards.reward_set import RewardSet
         from rollout.factory import build_policy_engine
 
@@ -59,12 +59,9 @@ class GRPOTrainer(StageTrainer):
         super().__init__(ctx, accelerator, guard)
         refuse_sharding(recipe, accelerator, "grpo", "generation and the weight sync are not rank-symmetric yet")
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
-        self.ref, self.tokens = None, 0  # tokens: non-padding tokens trained, over every resumed run
-        if stage.beta > 0 and stage.reference == "frozen_copy":
-            self.ref = load_causal_lm(ctx.init_model, dtype=recipe.model.dtype,
-                                      trust_remote_code=recipe.model.trust_remote_code,
-                                      allow_pickle=recipe.model.allow_pickle_weights).eval()
-            self.ref.requires_grad_(False).to(accelerator.device)
+        self.tokens = 0  # non-padding tokens trained, over every resumed run
+        self.ref = (load_frozen_copy(recipe, ctx.init_model, accelerator.device)
+                    if stage.beta > 0 and stage.reference == "frozen_copy" else None)
         self.prompts = load_prompts(stage.prompts, self.tokenizer, stage.max_prompt_len)
         optimizer = build_optimizer(model, stage)
         self.total_steps = stage.max_steps or max(1, math.ceil(
@@ -83,17 +80,14 @@ class GRPOTrainer(StageTrainer):
                                  "set routing_replay: false")
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
-            record_routes=stage.routing_replay, resumed=ctx.resume_from is not None)
+            record_routes=stage.routing_replay, resumed=ctx.resume_from is not None and not stage.max_staleness)
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
+        self.ahead = RolloutQueue.for_trainer(self) if stage.max_staleness else None  # docs/grpo.md
 
     def sampling(self, step: int, greedy: bool = False, round_: int = 0) -> SamplingParams:
-        s = self.stage.sampling
-        # Distinct per step; offset by this rank's first sample, so the seed of a sample depends
-        # on its global position only (with one prompt per generate call the samples are then
-        # the same whatever the number of ranks). Engines add the per-sample offset.
         first_sample = self.acc.process_index * (self.stage.prompts_per_step // self.world) * self.stage.group_size
-        seed = (self.ctx.seed * 1_000_003 + step * 7919 + round_ * 104_729 + first_sample) % (2**31)
+        s, seed = self.stage.sampling, step_seed(self.ctx.seed, step, round_, first_sample)  # seeds: step_seed
         return SamplingParams(temperature=0.0 if greedy else s.temperature, top_p=s.top_p, top_k=s.top_k,
                               max_new_tokens=s.max_new_tokens, stop=tuple(s.stop), seed=seed, logprobs=True)
 
@@ -127,7 +121,7 @@ class GRPOTrainer(StageTrainer):
 
     def train_step(self, step: int, log: bool) -> dict[str, float]:
         stage, acc, timer, micro = self.stage, self.acc, PhaseTimer(), self.micro
-        batch = self.rollout(step, timer)
+        batch = self.rollout(step, timer) if self.ahead is None else self.ahead.take(step, timer)
         samples, rows = batch.samples, batch.rows
         data = build_batch(rows.ids, samples, self.tokenizer.pad_token_id, stage.mask_truncated)
         t_len = data["completion_mask"].size(1)
@@ -169,14 +163,14 @@ class GRPOTrainer(StageTrainer):
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, step)
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
-            self.engine.update_weights([] if self.shares_policy else policy_weights(self.policy))
+            (self.ahead or self.engine).update_weights([] if self.shares_policy else policy_weights(self.policy))
         metrics.update({k: float(v) for k, v in {**adv_metrics, **kl_metrics, **batch.reward_metrics,
                                                  **batch.metrics}.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
         metrics.update({"reward": float(torch.nanmean(rewards)), "lr": self.scheduler.get_last_lr()[0],
                         "skipped_steps": self.guard.skipped, **timer.times})
         # rollout servers' running counts (requests, retries, dead_workers, samples, stale_samples)
-        metrics.update({f"rollout/{k}": float(v) for k, v in getattr(self.engine, "stats", {}).items()})
+        metrics.update({f"rollout/{k}": float(v) for k, v in getattr(self.ahead or self.engine, "stats", {}).items()})
         metrics.update(self.offload.step_metrics())
         return metrics
 
@@ -226,6 +220,8 @@ class GRPOTrainer(StageTrainer):
         if self.eval_prompts is None:
             return {}
         self.model.eval()
+        if self.ahead is not None:  # the engine serves no batch ahead meanwhile
+            self.ahead.drain()
         n = min(self.stage.eval_max_prompts, len(self.eval_prompts))
         batch = self.eval_prompts.take(list(range(self.acc.process_index, n, self.world)))
         _, rows, scored = self.generate_and_score(batch, self.sampling(0, greedy=True), step, PhaseTimer())
@@ -234,12 +230,15 @@ class GRPOTrainer(StageTrainer):
         return heldout_means(self.acc, scored.components, rows.columns.get("category"), categories)
 
     def state_dict(self) -> dict[str, Any]:
+        ahead = {} if self.ahead is None else {"ahead": self.ahead.state_dict()}  # first: rewards scored ahead
         return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version,
-                "tokens": self.tokens}
+                "tokens": self.tokens, **ahead}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards.load_state_dict(state["rewards"])
         self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]
+        if self.ahead is not None:
+            self.ahead.load_state_dict(state.get("ahead"))
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.total_steps * self.stage.prompts_per_step * self.stage.group_size,

@@ -388,7 +388,8 @@ class GRPOStage(StageBase):
     importance_sampling: ImportanceSamplingConfig | None = Field(
         None, description="Train–rollout mismatch correction (Yao et al. 2025 TIS/MIS; TRL "
         "vllm_importance_sampling_*): {level, mode, cap}. null = no correction (the gap is still "
-        "logged under mismatch/ every step).")
+        "logged under mismatch/ every step). With max_staleness > 0 it also corrects the stale samples: "
+        "on by default there, and null is refused.")
     fp32_lm_head: bool = Field(
         False, description="Run the output head's matmul in float32 for the trainer's log-probs "
         "(policy, π_old, reference) so bf16 rounding of the logits does not widen the trainer–engine "
@@ -411,6 +412,12 @@ class GRPOStage(StageBase):
         "MoE only: the trainer's routers use the experts each completion token was routed to during rollout "
         "(Rollout Routing Replay, docs/moe.md), combine weights from the live router. Needs the HF engine, "
         "colocated or behind `align rollout serve --engine hf`."))
+    max_staleness: int = Field(0, ge=0, description=(
+        "Bounded off-policy rollouts: k > 0 generates the batch for step s ahead, on a background thread, "
+        "with the weights after step max(0, s − k), so rollout overlaps training and no sample is more "
+        "than k policy versions old (rollout/staleness_max). Needs rollout.mode: server, offload: false and "
+        "one training process; importance_sampling then defaults to {level: token, mode: truncate, cap: "
+        "2.0} (null refused). 0 = generate, then train (DeepSeekMath). docs/grpo.md."))
     dynamic_sampling: DynamicSamplingConfig | None = Field(None, description=(
         "Drop groups whose rewards do not differ (advantage 0) and sample more prompts to refill the "
         "batch (DAPO); null: off, every group is trained (DeepSeekMath, TRL's default)."))
@@ -429,6 +436,21 @@ class GRPOStage(StageBase):
             raise ValueError(f"importance_sampling_cap was replaced by importance_sampling: {{level, mode, cap}}; {fix}")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stale_samples_are_corrected(cls, data: Any) -> Any:
+        """With max_staleness > 0 the samples come from older weights: the IS correction is on by default."""
+        if not isinstance(data, dict) or not isinstance(data.get("max_staleness"), int) or data["max_staleness"] < 1:
+            return data
+        if "importance_sampling" not in data:
+            return {**data, "importance_sampling": {}}  # {level: token, mode: truncate, cap: 2.0}
+        if data["importance_sampling"] is None:
+            raise ValueError(f"stages.{data.get('name')}.importance_sampling: null turns off the correction that "
+                             f"max_staleness: {data['max_staleness']} needs (a sample may come from weights up to "
+                             f"{data['max_staleness']} optimizer step(s) old); remove the null (default {{level: token, mode: "
+                             "truncate, cap: 2.0}) or set max_staleness: 0")
+        return data
+
     @model_validator(mode="after")
     def _checks(self) -> "GRPOStage":
         if self.reference == "lora_disabled" and self.lora is None and self.beta > 0:
@@ -440,6 +462,13 @@ class GRPOStage(StageBase):
         if self.kl_ratio_correction and self.kl_mode != "loss":
             raise ValueError("kl_ratio_correction reweights the KL term of the loss; it needs kl_mode: loss "
                              "(the reward's KL has no gradient to correct); remove kl_ratio_correction")
+        if self.max_staleness and (self.rollout.mode == "colocate" or self.offload):
+            why = ("rollout.mode: colocate runs the engine in this process, on the training weights, so rollout "
+                   "cannot overlap training; start workers with `align rollout serve` and set rollout: {mode: "
+                   "server, servers: [...]}" if self.rollout.mode == "colocate" else
+                   "offload moves the trainer's state away while the engine generates, which is all the time "
+                   "with overlap; set offload: false")
+            raise ValueError(f"stages.{self.name}.max_staleness: {why}, or set max_staleness: 0")
         if self.sampling.temperature == 0:
             raise ValueError("sampling.temperature: 0 makes every sample of a group the same greedy answer, "
                              "so no group has an advantage; sample at a temperature > 0 (DeepSeekMath: 1.0)")
