@@ -33,7 +33,9 @@ def engine_kwargs(backend: str) -> dict[str, Any]:
         raise AlignError("weight_transfer 'ipc' shares CUDA memory and needs a GPU; on CPU use 'gloo' "
                          "or the in-place reload (weight_transfer: none)")
     if backend == "gloo":
-        import rollout.transfer_gloo  # noqa: F401  (registers the backend with vLLM's factories)
+        from rollout.transfer_gloo import register
+
+        register()  # with vLLM's factories (idempotent)
     return {"weight_transfer_config": {"backend": backend}}
 
 
