@@ -24,7 +24,9 @@ LoRA: send merged weights (base + BA) under the base model's names; the trainer 
 `weight_transfer` ("ipc" on GPU, "gloo" on CPU) sends the weights through vLLM's own
 weight-transfer API instead (`rollout.vllm_transfer`: `init_weight_transfer_engine` once,
 `start_weight_update` / `update_weights` / `finish_weight_update` every sync). None (the default)
-keeps the in-place reload above. The ipc path has not run on a GPU yet (bench/gpu_check.py does).
+keeps the in-place reload above. With ipc, vLLM runs in its own process (CUDA IPC handles cannot be
+opened by the process that exported them). The ipc path has not run on a GPU yet
+(bench/gpu_check.py runs it).
 
 Sleep: a push into sleeping weights is lost. At level 1 vLLM copies its CPU backup of the
 weights back at wake, over whatever was written meanwhile; at level 2 the weights have no

@@ -5,7 +5,8 @@ vLLM 0.32's offline `LLM` has the RL calls its server mounts as routes
 `vllm/entrypoints/rl/offline.py`), and its trainer-side engines
 (`WeightTransferTrainerFactory.trainer_init`) drive any object with those four methods. The
 offline methods take request envelopes (`{"init_info": ...}`, `{"update_info": ...}`) where the
-trainer engines pass the bare info, so `OfflineClient` adds them; everything else is vLLM's.
+trainer engines pass the bare info, so `OfflineClient` adds them (and pickles CUDA IPC handles as
+vLLM's HTTP client does); everything else is vLLM's.
 
 Backends: `ipc` (vLLM's CUDA IPC engine: the trainer's GPU tensors are shared by handle, the
 colocated case on GPU) and `gloo` (align's plug-in, `rollout.transfer_gloo`, the one that works on
@@ -15,6 +16,7 @@ CPU, where the other backends of vLLM do not). The `LLM` must have been built wi
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,13 +27,22 @@ BACKENDS = ("ipc", "gloo")
 
 
 def engine_kwargs(backend: str) -> dict[str, Any]:
-    """What `vllm.LLM(...)` needs for `backend`; registers align's gloo engine first."""
+    """What `vllm.LLM(...)` needs for `backend`; registers align's gloo engine first.
+
+    ipc: CUDA does not open an IPC handle in the process that exported it, and torch 2.13's
+    `rebuild_cuda_tensor` looks its cache up under another key than `reduce_tensor` stores (read
+    from the code, not run), so vLLM's engine runs in its own process, the case vLLM's ipc engine
+    is built for (its colocate example puts the workers in other processes); the handles then cross vLLM's engine socket pickled, as
+    vLLM's own HTTP client sends them, which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 (between
+    this process and the engine process it starts)."""
     if backend not in BACKENDS:
         raise AlignError(f"weight_transfer: unknown backend {backend!r}; use one of {', '.join(BACKENDS)} "
                          "(or none for the in-place reload)")
     if backend == "ipc" and not torch.cuda.is_available():
         raise AlignError("weight_transfer 'ipc' shares CUDA memory and needs a GPU; on CPU use 'gloo' "
                          "or the in-place reload (weight_transfer: none)")
+    if backend == "ipc":
+        os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     if backend == "gloo":
         from rollout.transfer_gloo import register
 
@@ -52,7 +63,9 @@ class OfflineClient:
         self.llm.start_weight_update()
 
     def update_weights(self, update_info) -> None:
-        self.llm.update_weights({"update_info": update_info})
+        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload
+
+        self.llm.update_weights({"update_info": _json_safe_update_payload(update_info)})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
