@@ -31,6 +31,19 @@ def test_without_a_gpu_it_exits_2_and_says_how_to_run(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_weight_transfer_refuses_an_unknown_backend_and_ipc_without_a_gpu():
+    import torch
+
+    from align.errors import AlignError
+    from rollout.vllm_transfer import engine_kwargs
+
+    with pytest.raises(AlignError, match="unknown backend 'nccl'; use one of ipc, gloo"):
+        engine_kwargs("nccl")
+    if not torch.cuda.is_available():
+        with pytest.raises(AlignError, match="needs a GPU; on CPU use 'gloo'"):
+            engine_kwargs("ipc")
+
+
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_part_through_the_gpu_code_paths(tmp_path):
     pytest.importorskip("vllm")
