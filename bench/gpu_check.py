@@ -158,7 +158,8 @@ def _train_step(model, opt, device) -> None:
 def part_colocate(args, work: Path) -> dict:
     if (skipped := skip_without_vllm()) is not None:
         return skipped
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM in its own process, as the ipc engine needs on GPU: the smoke run crosses the same socket
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

