@@ -32,15 +32,15 @@ def engine_kwargs(backend: str) -> dict[str, Any]:
     ipc: CUDA does not open an IPC handle in the process that exported it, and torch 2.13's
     `rebuild_cuda_tensor` looks its cache up under another key than `reduce_tensor` stores (read
     from the code, not run), so vLLM's engine runs in its own process, the case vLLM's ipc engine
-    is built for (its colocate example puts the workers in other processes); the handles then cross vLLM's engine socket pickled, as
-    vLLM's own HTTP client sends them, which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 (between
-    this process and the engine process it starts)."""
+    is built for (its colocate example puts the workers in other processes). The handles then
+    cross vLLM's engine socket pickled, as vLLM's own HTTP client sends them, which needs
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 (between this process and the engine process it starts)."""
     if backend not in BACKENDS:
         raise AlignError(f"weight_transfer: unknown backend {backend!r}; use one of {', '.join(BACKENDS)} "
-                         "(or none for the in-place reload)")
+                         "(or None for the in-place reload)")
     if backend == "ipc" and not torch.cuda.is_available():
         raise AlignError("weight_transfer 'ipc' shares CUDA memory and needs a GPU; on CPU use 'gloo' "
-                         "or the in-place reload (weight_transfer: none)")
+                         "or the in-place reload (weight_transfer=None)")
     if backend == "ipc":
         os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     if backend == "gloo":
