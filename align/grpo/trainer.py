@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices, step_seed
-from align.errors import AlignError
 from align.grpo.advantages import ADVANTAGES
 from align.grpo.async_rollout import RolloutQueue
 from align.grpo.batch import build_batch, micro_batch_size
@@ -37,7 +36,8 @@ from align.grpo.kl import kl_penalized_rewards
 from align.grpo.loss import loss_options, policy_loss
 from align.grpo.metrics import PhaseTimer, completion_metrics, heldout_means, merge_micro_metrics
 from align.loop import StageTrainer, run_stage
-from align.moe import ensure_replay_supported, moe_gates, replaying, router_stats, routes_to_batch
+from align.moe import replaying, router_stats, routes_to_batch
+from align.moe.rl import MoEStage
 from align.offload import OffloadGroup
 from align.sharding import refuse_sharding
 from align.stage import StageContext, StageResult
@@ -59,6 +59,7 @@ class GRPOTrainer(StageTrainer):
         super().__init__(ctx, accelerator, guard)
         refuse_sharding(recipe, accelerator, "grpo", "generation and the weight sync are not rank-symmetric yet")
         model = load_trainable_model(recipe, stage, ctx.init_model, ctx.resume_from)
+        self.moe = MoEStage.for_stage(stage, model)  # validates the MoE keys; freezes routers before the optimizer
         self.tokens = 0  # non-padding tokens trained, over every resumed run
         self.ref = (load_frozen_copy(recipe, ctx.init_model, accelerator.device)
                     if stage.beta > 0 and stage.reference == "frozen_copy" else None)
@@ -72,15 +73,10 @@ class GRPOTrainer(StageTrainer):
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
         self.rewards = RewardSet(ctx.reward_specs(), stage.reward_isolation)
-        self.is_moe = bool(moe_gates(self.policy))
-        if stage.routing_replay:
-            ensure_replay_supported(stage.rollout.engine, stage.rollout.mode)
-            if not self.is_moe:
-                raise AlignError(f"stages.{stage.name}.routing_replay: the model has no MoE routers; "
-                                 "set routing_replay: false")
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
-            record_routes=stage.routing_replay, resumed=ctx.resume_from is not None and not stage.max_staleness)
+            record_routes=self.moe.record_routes(stage.rollout),
+            resumed=ctx.resume_from is not None and not stage.max_staleness)
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
         self.ahead = RolloutQueue.for_trainer(self) if stage.max_staleness else None  # docs/grpo.md
@@ -127,16 +123,16 @@ class GRPOTrainer(StageTrainer):
         t_len = data["completion_mask"].size(1)
         tensors = {k: v.to(acc.device) for k, v in data.items()}
         routes = None
-        if stage.routing_replay:  # experts the rollout chose, at the positions whose logits we read
+        if self.moe.record_routes(stage.rollout):  # experts the rollout chose, where their logits are read
             routes = routes_to_batch([len(p) for p in rows.ids], [s.routes for s in samples],
                                      data["input_ids"].size(1) - t_len, t_len).to(acc.device)
         old_logp = ref_logp = None
         kl_in_reward = stage.kl_mode == "reward" and stage.beta > 0
         with timer("logprobs"), torch.no_grad():
             if stage.num_iterations > 1 or stage.importance_sampling is not None or kl_in_reward:
-                old_logp = self._logprobs(self.model, self.policy, tensors, t_len, routes)
+                old_logp = self._logprobs(self.model, self.policy, tensors, t_len, self.moe.replayed(routes))
             if stage.beta > 0:
-                ref_logp = self._ref_logprobs(tensors, t_len, routes)
+                ref_logp = self._ref_logprobs(tensors, t_len, self.moe.replayed(routes))
         with timer("advantage"):
             local = torch.tensor([math.nan if r is None else float(r) for r in batch.totals])
             rewards = shaped = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order kept
@@ -155,13 +151,14 @@ class GRPOTrainer(StageTrainer):
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
             for it in range(stage.num_iterations):
                 self.model.train()
-                with router_stats(self.policy, self.is_moe and it == 0) as stats:
+                with router_stats(self.policy, self.moe.is_moe and it == 0) as stats:
                     for j, sl in enumerate(chunks):
                         self._train_chunk(tensors, sl, advantages, old_logp, ref_logp, routes, n_tokens, t_len,
                                           len(chunks), metrics, last=j == len(chunks) - 1)
                 metrics.update(stats.metrics())
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, step)
+        metrics.update(self.moe.end_step(metrics, acc))
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
             (self.ahead or self.engine).update_weights([] if self.shares_policy else policy_weights(self.policy))
         metrics.update({k: float(v) for k, v in {**adv_metrics, **kl_metrics, **batch.reward_metrics,
@@ -176,11 +173,11 @@ class GRPOTrainer(StageTrainer):
 
     def _train_chunk(self, tensors, sl: slice, advantages, old_logp, ref_logp, routes, n_tokens: int, t_len: int,
                      n_chunks: int, metrics: dict[str, float], last: bool) -> None:
-        """Forward + backward of one micro-batch (routes replayed, backward inside the replay so
-        recomputed passes route the same way); gradients all-reduce on the last one only."""
+        """Forward + backward of one micro-batch (routes replayed or measured, backward inside the
+        replay so recomputed passes route the same way); gradients all-reduce on the last one only."""
         stage = self.stage
         with maybe_no_sync(self.acc, self.model, sync=last), \
-                replaying(self.policy, None if routes is None else routes[sl]) as replay:
+                self.moe.micro_pass(self.policy, None if routes is None else routes[sl]) as moe:
             logp, entropy = completion_logprobs(self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
                                                 completion_length=t_len, temperature=self._temp(),
                                                 fp32_lm_head=stage.fp32_lm_head)
@@ -189,11 +186,10 @@ class GRPOTrainer(StageTrainer):
                 tensors["completion_mask"][sl], ref_logp=None if ref_logp is None else ref_logp[sl],
                 rollout_logp=tensors["rollout_logp"][sl], entropy=entropy, num_items_in_batch=n_tokens,
                 num_micro_batches=n_chunks, world_size=self.acc.num_processes, **self.loss_options)
+            loss = loss + moe.loss(n_chunks)
             backward(self.acc, loss)
         metrics["loss"] += float(loss.detach()) / stage.num_iterations
-        if replay is not None:
-            m = {**m, "moe/replay_mismatch": torch.tensor(replay.mismatch())}
-        merge_micro_metrics(metrics, m, n_chunks * stage.num_iterations)
+        merge_micro_metrics(metrics, {**m, **moe.metrics()}, n_chunks * stage.num_iterations)
 
     def _temp(self) -> float:  # logprobs at the sampling temperature; greedy rollouts score at 1
         return self.stage.sampling.temperature or 1.0
@@ -232,11 +228,12 @@ class GRPOTrainer(StageTrainer):
     def state_dict(self) -> dict[str, Any]:
         ahead = {} if self.ahead is None else {"ahead": self.ahead.state_dict()}  # first: rewards scored ahead
         return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version,
-                "tokens": self.tokens, **ahead}
+                "tokens": self.tokens, "moe": self.moe.state_dict(), **ahead}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards.load_state_dict(state["rewards"])
         self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]
+        self.moe.load_state_dict(state["moe"])
         if self.ahead is not None:
             self.ahead.load_state_dict(state.get("ahead"))
 

@@ -408,10 +408,22 @@ class GRPOStage(StageBase):
     offload: bool = Field(False, description=(
         "Move the trainer's weights, gradients and optimizer state (and a frozen reference) to CPU while the "
         "engine generates; needs an engine that does not share the policy (vllm, or mode: server)."))
-    routing_replay: bool = Field(False, description=(
+    routing_replay: bool | Literal["auto"] = Field(False, description=(
         "MoE only: the trainer's routers use the experts each completion token was routed to during rollout "
-        "(Rollout Routing Replay, docs/moe.md), combine weights from the live router. Needs the HF engine, "
-        "colocated or behind `align rollout serve --engine hf`."))
+        "(Rollout Routing Replay, docs/moe.md), combine weights from the live router. `auto`: off until a "
+        "step's logged moe/route_mismatch exceeds routing_replay_threshold, then on for the rest of the "
+        "stage (moe/replay_on says which). Needs the HF engine, colocated or behind `align rollout serve "
+        "--engine hf`."))
+    routing_replay_threshold: float = Field(0.05, ge=0, le=1, description=(
+        "routing_replay: auto only: the share of (token, layer) expert choices the trainer makes differently "
+        "from the rollout above which replay switches on."))
+    moe_aux_loss_coef: float = Field(0.0, ge=0, description=(
+        "MoE only: weight of the router's balance loss (DeepSeek-V2's expert-level loss) added to the GRPO "
+        "loss. 0 = off, as verl and NeMo-RL run RL: it fights the reward and makes log-probs diverge "
+        "(docs/moe.md)."))
+    moe_freeze_router: bool = Field(False, description=(
+        "MoE only: keep the routers' weights fixed (not trained, not in the optimizer), so routing never "
+        "drifts between rollout and update."))
     max_staleness: int = Field(0, ge=0, description=(
         "Bounded off-policy rollouts: k > 0 generates the batch for step s ahead, on a background thread, "
         "with the weights after step max(0, s − k), so rollout overlaps training and no sample is more "
@@ -459,6 +471,9 @@ class GRPOStage(StageBase):
         if self.clip_ratio_c is not None and self.policy_objective != "clip":
             raise ValueError(f"clip_ratio_c (dual-clip) bounds the clipped objective; it needs policy_objective: "
                              f"clip (got {self.policy_objective}, which caps at cispo_cap); remove clip_ratio_c")
+        if "routing_replay_threshold" in self.model_fields_set and self.routing_replay != "auto":
+            raise ValueError(f"routing_replay_threshold only applies with routing_replay: auto (got "
+                             f"{self.routing_replay}); set routing_replay: auto or remove routing_replay_threshold")
         if self.kl_ratio_correction and self.kl_mode != "loss":
             raise ValueError("kl_ratio_correction reweights the KL term of the loss; it needs kl_mode: loss "
                              "(the reward's KL has no gradient to correct); remove kl_ratio_correction")
