@@ -82,7 +82,7 @@ def _evaluation_table(evaluation: dict[str, Any]):
 def panel_of(key: str) -> str:
     """The panel a metric is drawn in. MoE router metrics (`align.moe.metrics`) take at most three
     panels however many layers the model has: `moe/load_cv` and `moe/router_entropy` (one line per
-    layer plus the summaries), and `moe/shares` for the shares in [0, 1] (load_max, replay_mismatch)."""
+    layer plus the summaries), and `moe/shares` for the shares in [0, 1] (load_max, route_mismatch)."""
     if key.startswith("moe/"):
         family = next((f for f in MOE_FAMILIES if key.rsplit("/", 1)[-1].startswith(f)), None)
         return f"moe/{family}" if family else "moe/shares"

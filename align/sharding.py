@@ -71,16 +71,12 @@ def reference_for_stage(recipe, stage, init_model, accelerator) -> nn.Module:
     """The frozen reference (the stage's starting model, `reference: frozen_copy`) placed like the
     policy: sharded the same way under fsdp2 (1/world per rank, every forward a collective), else
     a whole copy on this rank's device. Never passed to `accelerator.prepare`."""
-    from align.models.load import load_causal_lm
-    from align.train_utils import resolve_mixed_precision
+    from align.train_utils import load_frozen_copy, resolve_mixed_precision
 
-    cfg = recipe.model
-    ref = load_causal_lm(init_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         allow_pickle=cfg.allow_pickle_weights).eval().requires_grad_(False)
     if resolve_strategy(recipe.distributed, accelerator) != "fsdp2":
-        return ref.to(accelerator.device)
+        return load_frozen_copy(recipe, init_model, accelerator.device)
     dtype = torch.bfloat16 if resolve_mixed_precision(stage.bf16) == "bf16" else None
-    return shard_reference(ref, accelerator.device, param_dtype=dtype)
+    return shard_reference(load_frozen_copy(recipe, init_model, "cpu"), accelerator.device, param_dtype=dtype)
 
 
 def device_mesh(device: torch.device | str):

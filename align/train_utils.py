@@ -121,6 +121,15 @@ def load_trainable_model(recipe, stage, init_model: str | Path, resume_from: str
     return model
 
 
+def load_frozen_copy(recipe, init_model: str | Path, device) -> torch.nn.Module:
+    """A frozen copy of a stage's starting model on `device`, in eval mode (a KL reference)."""
+    from align.models.load import load_causal_lm
+
+    model = load_causal_lm(init_model, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                           allow_pickle=recipe.model.allow_pickle_weights).eval()
+    return model.requires_grad_(False).to(device)
+
+
 # ------------------------------------------------------------------------ optimizer + schedule
 
 
@@ -157,23 +166,36 @@ def step_plan(stage, rows: int, world: int, unit: str) -> tuple[int, int, int]:
     return global_batch, per_epoch, total_optimizer_steps(stage, per_epoch)
 
 
-def prepare_training(accelerator, recipe, stage, init_model, resume_from, total_steps: int, **load: Any):
-    """(model, optimizer, schedule) of a stage, prepared by accelerate: the trainable model
-    (`load_trainable_model`, `load` passed on), AdamW, and the schedule over `total_steps`."""
+def load_for_training(accelerator, recipe, stage, init_model, resume_from, **load: Any):
+    """The trainable model (`load_trainable_model`, `load` passed on), sharded by align itself
+    under fsdp2 (FSDP2, never wrapped by accelerate); a sharded checkpoint's weights come later,
+    from its shards (`load_checkpoint(model=...)`), onto the init model."""
     from align.checkpoint import is_sharded_checkpoint
     from align.sharding import resolve_strategy, shard_for_stage
 
     sharded = resolve_strategy(recipe.distributed, accelerator) == "fsdp2"
     if sharded and resume_from is not None and is_sharded_checkpoint(resume_from):
-        resume_from = None  # weights come from the shards (`load_checkpoint(model=...)`), on the init model
+        resume_from = None
     model = load_trainable_model(recipe, stage, init_model, resume_from, **load)
-    if sharded:  # sharded by align itself (FSDP2), never wrapped by accelerate
-        model = shard_for_stage(model, recipe.distributed, stage, accelerator)
+    return shard_for_stage(model, recipe.distributed, stage, accelerator) if sharded else model
+
+
+def accelerate_unsharded(accelerator, model, stage, total_steps: int):
+    """(model, optimizer, schedule) over `model`'s trainable parameters: AdamW and the schedule
+    over `total_steps`, prepared by accelerate unless the model is sharded (FSDP2)."""
+    from align.sharding import is_sharded
+
     optimizer = build_optimizer(model, stage)
     scheduler = build_scheduler(optimizer, stage, total_steps)
-    if not sharded:
+    if not is_sharded(model):
         model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler
+
+
+def prepare_training(accelerator, recipe, stage, init_model, resume_from, total_steps: int, **load: Any):
+    """(model, optimizer, schedule) of a stage: `load_for_training` then `accelerate_unsharded`."""
+    model = load_for_training(accelerator, recipe, stage, init_model, resume_from, **load)
+    return accelerate_unsharded(accelerator, model, stage, total_steps)
 
 
 def total_optimizer_steps(stage, steps_per_epoch: int) -> int:

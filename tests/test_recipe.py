@@ -185,3 +185,19 @@ def test_moe_quickstart_is_the_quickstart_on_deepseek_v2():
             stage["routing_replay"] = False
     moe["name"] = dense["name"]
     assert moe == dense
+
+
+def test_tiny_llama_arch_builds_a_smollm2_shaped_model(tmp_path, files):
+    """`model.tiny.arch: llama` gives what real chat models bring: Llama, tied embeddings, pad = eos."""
+    from rich.console import Console
+    from transformers import AutoConfig, AutoTokenizer
+
+    from align.pipeline import Manifest, prepare_inputs
+
+    model_dir = tmp_path / "built"
+    path = write(tmp_path, files, model=f"{model_dir}, tiny: {{size: nano, arch: llama}}")
+    recipe = load_recipe(path, check_files=False)
+    prepare_inputs(recipe, Manifest.load(tmp_path / "out"), Console(quiet=True))
+    config, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    assert (config.model_type, config.tie_word_embeddings) == ("llama", True)
+    assert tok.pad_token_id == tok.eos_token_id

@@ -25,6 +25,16 @@ def test_math_accuracy_forms():
     assert MathAccuracy()(prompts=[""] * 5, completions=completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 1.0]
 
 
+def test_math_accuracy_is_not_fooled_by_restating_the_question():
+    """Completions the quickstart policy learned (reasoning step 200): math-verify's default evaluates
+    them and calls them correct; strict scoring wants an anchored value."""
+    hacks = ["7 - 0 = ", "7 - 0 =  harms the", "1 + 1 = 9. 9 - 2 = 7'.", "The answer is 7 - 0."]
+    honest = ["7 - 0 = 7. The answer is 7.", "Answer: 7", r"so \boxed{7}", "The answer is 7"]
+    assert MathAccuracy(strict=False)(prompts=[""] * 4, completions=hacks, answer=["7"] * 4) == [1.0] * 4
+    assert MathAccuracy()(prompts=[""] * 4, completions=hacks, answer=["7"] * 4) == [0.0] * 4
+    assert MathAccuracy()(prompts=[""] * 4, completions=honest, answer=["7"] * 4) == [1.0] * 4
+
+
 def test_math_accuracy_solution_column_and_missing_column():
     assert MathAccuracy()(prompts=[""], completions=["The answer is 3."], solution=["3"]) == [1.0]
     with pytest.raises(ValueError, match="answer"):

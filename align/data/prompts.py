@@ -93,6 +93,14 @@ def step_prompt_indices(seed: int, step: int, per_step: int, n: int, rank: int =
             for epoch, offset in (divmod(pos, n) for pos in range(start, start + local))]
 
 
+def step_seed(seed: int, step: int, round_: int = 0, first_sample: int = 0) -> int:
+    """The sampling seed of a rank's generate call for `step` (and dynamic-sampling round): distinct
+    per step, offset by the rank's first sample, so the seed of a sample depends on its global
+    position only (with one prompt per generate call the samples are then the same whatever the
+    number of ranks). Engines add the per-sample offset."""
+    return (seed * 1_000_003 + step * 7919 + round_ * 104_729 + first_sample) % (2**31)
+
+
 @functools.lru_cache(maxsize=4)  # the current epoch, and the next one at a boundary
 def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
     order = list(range(n))

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices
-from align.errors import AlignError
+from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices, step_seed
 from align.grpo.advantages import ADVANTAGES
+from align.grpo.async_rollout import RolloutQueue
 from align.grpo.batch import build_batch, micro_batch_size
 from align.grpo.dynamic_sampling import Rollout, fill_batch
 from align.grpo.logprobs import completion_logprobs
@@ -36,12 +36,14 @@ from align.grpo.kl import kl_penalized_rewards
 from align.grpo.loss import loss_options, policy_loss
 from align.grpo.metrics import PhaseTimer, completion_metrics, heldout_means, merge_micro_metrics
 from align.loop import StageTrainer, run_stage
-from align.moe import ensure_replay_supported, moe_gates, replaying, router_stats, routes_to_batch
+from align.moe import replaying, router_stats, routes_to_batch
+from align.moe.rl import MoEStage
 from align.offload import OffloadGroup
 from align.grpo.sharded import every_rank_done, sync_engine
 from align.sharding import reference_for_stage
 from align.stage import StageContext, StageResult
-from align.train_utils import NonFiniteGuard, backward, global_token_count, maybe_no_sync, optimizer_step, prepare_training
+from align.train_utils import (NonFiniteGuard, accelerate_unsharded, backward, global_token_count, load_for_training,
+                               maybe_no_sync, optimizer_step)
 from rollout.base import SamplingParams
 
 
@@ -55,11 +57,13 @@ class GRPOTrainer(StageTrainer):
         stage, recipe, self.world = ctx.stage, ctx.recipe, accelerator.num_processes
         self.micro, self.loss_options = micro_batch_size(stage, self.world), loss_options(stage)
         super().__init__(ctx, accelerator, guard)
+        model = load_for_training(accelerator, recipe, stage, ctx.init_model, ctx.resume_from)
+        self.moe = MoEStage.for_stage(stage, model)  # validates the MoE keys; freezes routers before the optimizer
         self.prompts = load_prompts(stage.prompts, self.tokenizer, stage.max_prompt_len)
         self.total_steps = stage.max_steps or max(1, math.ceil(
             stage.epochs * max(1, len(self.prompts) // stage.prompts_per_step)))
-        self.model, self.optimizer, self.scheduler = prepare_training(  # μ optimizer steps per step
-            accelerator, recipe, stage, ctx.init_model, ctx.resume_from, self.total_steps * stage.num_iterations)
+        self.model, self.optimizer, self.scheduler = accelerate_unsharded(  # μ optimizer steps per step
+            accelerator, model, stage, self.total_steps * stage.num_iterations)
         self.policy = accelerator.unwrap_model(self.model)
         self.tokens = 0  # non-padding tokens trained, over every resumed run
         self.ref = (reference_for_stage(recipe, stage, ctx.init_model, accelerator)
@@ -67,25 +71,16 @@ class GRPOTrainer(StageTrainer):
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
         self.rewards = RewardSet(ctx.reward_specs(), stage.reward_isolation)
-        self.is_moe = bool(moe_gates(self.policy))
-        if stage.routing_replay:
-            ensure_replay_supported(stage.rollout.engine, stage.rollout.mode)
-            if not self.is_moe:
-                raise AlignError(f"stages.{stage.name}.routing_replay: the model has no MoE routers; "
-                                 "set routing_replay: false")
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
-            record_routes=stage.routing_replay)
+            record_routes=self.moe.record_routes(stage.rollout))
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
+        self.ahead = RolloutQueue.for_trainer(self) if stage.max_staleness else None  # docs/grpo.md
 
     def sampling(self, step: int, greedy: bool = False, round_: int = 0) -> SamplingParams:
-        s = self.stage.sampling
-        # Distinct per step; offset by this rank's first sample, so the seed of a sample depends
-        # on its global position only (with one prompt per generate call the samples are then
-        # the same whatever the number of ranks). Engines add the per-sample offset.
         first_sample = self.acc.process_index * (self.stage.prompts_per_step // self.world) * self.stage.group_size
-        seed = (self.ctx.seed * 1_000_003 + step * 7919 + round_ * 104_729 + first_sample) % (2**31)
+        s, seed = self.stage.sampling, step_seed(self.ctx.seed, step, round_, first_sample)  # seeds: step_seed
         return SamplingParams(temperature=0.0 if greedy else s.temperature, top_p=s.top_p, top_k=s.top_k,
                               max_new_tokens=s.max_new_tokens, stop=tuple(s.stop), seed=seed, logprobs=True)
 
@@ -120,22 +115,22 @@ class GRPOTrainer(StageTrainer):
 
     def train_step(self, step: int, log: bool) -> dict[str, float]:
         stage, acc, timer, micro = self.stage, self.acc, PhaseTimer(), self.micro
-        batch = self.rollout(step, timer)
+        batch = self.rollout(step, timer) if self.ahead is None else self.ahead.take(step, timer)
         samples, rows = batch.samples, batch.rows
         data = build_batch(rows.ids, samples, self.tokenizer.pad_token_id, stage.mask_truncated)
         t_len = data["completion_mask"].size(1)
         tensors = {k: v.to(acc.device) for k, v in data.items()}
         routes = None
-        if stage.routing_replay:  # experts the rollout chose, at the positions whose logits we read
+        if self.moe.record_routes(stage.rollout):  # experts the rollout chose, where their logits are read
             routes = routes_to_batch([len(p) for p in rows.ids], [s.routes for s in samples],
                                      data["input_ids"].size(1) - t_len, t_len).to(acc.device)
         old_logp = ref_logp = None
         kl_in_reward = stage.kl_mode == "reward" and stage.beta > 0
         with timer("logprobs"), torch.no_grad():
             if stage.num_iterations > 1 or stage.importance_sampling is not None or kl_in_reward:
-                old_logp = self._logprobs(self.model, self.policy, tensors, t_len, routes)
+                old_logp = self._logprobs(self.model, self.policy, tensors, t_len, self.moe.replayed(routes))
             if stage.beta > 0:
-                ref_logp = self._ref_logprobs(tensors, t_len, routes)
+                ref_logp = self._ref_logprobs(tensors, t_len, self.moe.replayed(routes))
         with timer("advantage"):
             local = torch.tensor([math.nan if r is None else float(r) for r in batch.totals])
             rewards = shaped = acc.gather(local.to(acc.device)).cpu()  # whole groups per rank: order kept
@@ -154,32 +149,33 @@ class GRPOTrainer(StageTrainer):
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
             for it in range(stage.num_iterations):
                 self.model.train()
-                with router_stats(self.policy, self.is_moe and it == 0) as stats:
+                with router_stats(self.policy, self.moe.is_moe and it == 0) as stats:
                     for j, sl in enumerate(chunks):
                         self._train_chunk(tensors, sl, advantages, old_logp, ref_logp, routes, n_tokens, t_len,
                                           len(chunks), metrics, last=j == len(chunks) - 1)
                 metrics.update(stats.metrics())
                 metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                       self.guard, step)
+        metrics.update(self.moe.end_step(metrics, acc))
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
-            self._sync_engine()
+            self._sync_engine(self.ahead or self.engine)
         metrics.update({k: float(v) for k, v in {**adv_metrics, **kl_metrics, **batch.reward_metrics,
                                                  **batch.metrics}.items()})
         metrics.update({k: float(v) for k, v in completion_metrics(data["completion_mask"], data["truncated"]).items()})
         metrics.update({"reward": float(torch.nanmean(rewards)), "lr": self.scheduler.get_last_lr()[0],
                         "skipped_steps": self.guard.skipped, **timer.times})
         # rollout servers' running counts (requests, retries, dead_workers, samples, stale_samples)
-        metrics.update({f"rollout/{k}": float(v) for k, v in getattr(self.engine, "stats", {}).items()})
+        metrics.update({f"rollout/{k}": float(v) for k, v in getattr(self.ahead or self.engine, "stats", {}).items()})
         metrics.update(self.offload.step_metrics())
         return metrics
 
     def _train_chunk(self, tensors, sl: slice, advantages, old_logp, ref_logp, routes, n_tokens: int, t_len: int,
                      n_chunks: int, metrics: dict[str, float], last: bool) -> None:
-        """Forward + backward of one micro-batch (routes replayed, backward inside the replay so
-        recomputed passes route the same way); gradients all-reduce on the last one only."""
+        """Forward + backward of one micro-batch (routes replayed or measured, backward inside the
+        replay so recomputed passes route the same way); gradients all-reduce on the last one only."""
         stage = self.stage
         with maybe_no_sync(self.acc, self.model, sync=last), \
-                replaying(self.policy, None if routes is None else routes[sl]) as replay:
+                self.moe.micro_pass(self.policy, None if routes is None else routes[sl]) as moe:
             logp, entropy = completion_logprobs(self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
                                                 completion_length=t_len, temperature=self._temp(),
                                                 fp32_lm_head=stage.fp32_lm_head)
@@ -188,11 +184,10 @@ class GRPOTrainer(StageTrainer):
                 tensors["completion_mask"][sl], ref_logp=None if ref_logp is None else ref_logp[sl],
                 rollout_logp=tensors["rollout_logp"][sl], entropy=entropy, num_items_in_batch=n_tokens,
                 num_micro_batches=n_chunks, world_size=self.acc.num_processes, **self.loss_options)
+            loss = loss + moe.loss(n_chunks)
             backward(self.acc, loss)
         metrics["loss"] += float(loss.detach()) / stage.num_iterations
-        if replay is not None:
-            m = {**m, "moe/replay_mismatch": torch.tensor(replay.mismatch())}
-        merge_micro_metrics(metrics, m, n_chunks * stage.num_iterations)
+        merge_micro_metrics(metrics, {**m, **moe.metrics()}, n_chunks * stage.num_iterations)
 
     def _temp(self) -> float:  # logprobs at the sampling temperature; greedy rollouts score at 1
         return self.stage.sampling.temperature or 1.0
@@ -219,6 +214,8 @@ class GRPOTrainer(StageTrainer):
         if self.eval_prompts is None:
             return {}
         self.model.eval()
+        if self.ahead is not None:  # the engine serves no batch ahead meanwhile
+            self.ahead.drain()
         n = min(self.stage.eval_max_prompts, len(self.eval_prompts))
         batch = self.eval_prompts.take(list(range(self.acc.process_index, n, self.world)))
         _, rows, scored = self.generate_and_score(batch, self.sampling(0, greedy=True), step, PhaseTimer())
@@ -227,18 +224,21 @@ class GRPOTrainer(StageTrainer):
         return heldout_means(self.acc, scored.components, rows.columns.get("category"), categories)
 
     def state_dict(self) -> dict[str, Any]:
+        ahead = {} if self.ahead is None else {"ahead": self.ahead.state_dict()}  # first: rewards scored ahead
         return {"rewards": self.rewards.state_dict(), "weight_version": self.engine.weight_version,
-                "tokens": self.tokens}
+                "tokens": self.tokens, "moe": self.moe.state_dict(), **ahead}
 
-    def _sync_engine(self) -> None:
-        sync_engine(self.engine, self.policy, self.shares_policy, self.ctx.recipe.distributed.sync_group_mb,
-                    self.acc.device)
+    def _sync_engine(self, target) -> None:  # gathered from the shards under fsdp2 (align/grpo/sharded.py)
+        sync_engine(target, self.policy, self.shares_policy, self.ctx.recipe.distributed.sync_group_mb, self.acc.device)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # after the checkpoint's weights are in
-        if not self.shares_policy:
-            self._sync_engine()
+        if not (self.shares_policy or self.stage.max_staleness):  # a queue ahead resyncs itself
+            self._sync_engine(self.engine)
         self.rewards.load_state_dict(state["rewards"])
         self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]
+        self.moe.load_state_dict(state["moe"])
+        if self.ahead is not None:
+            self.ahead.load_state_dict(state.get("ahead"))
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.total_steps * self.stage.prompts_per_step * self.stage.group_size,

@@ -1,4 +1,4 @@
-"""Mixture-of-experts support: router metrics and Rollout Routing Replay."""
+"""Mixture-of-experts support: router metrics, Rollout Routing Replay, and (align.moe.rl) a GRPO stage's MoE policy."""
 
 from align.moe.gates import moe_gates
 from align.moe.metrics import RouterStats, route_mismatch, router_stats

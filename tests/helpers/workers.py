@@ -54,11 +54,19 @@ def stop(workers: list[tuple[subprocess.Popen, str]]) -> None:
 
 
 @contextmanager
+def running_workers(model_dir, count: int, *options: str, timeout_s: float = 180) -> Iterator[list[str]]:
+    """`with running_workers(dir, 2) as urls:` healthy workers (started together), killed on exit."""
+    workers = [start_worker(model_dir, *options) for _ in range(count)]
+    try:
+        for worker in workers:
+            wait_healthy(*worker, timeout_s=timeout_s)
+        yield [url for _, url in workers]
+    finally:
+        stop(workers)
+
+
+@contextmanager
 def running_worker(model_dir, *options: str, timeout_s: float = 180) -> Iterator[str]:
     """`with running_worker(dir) as url:` one healthy worker, killed on exit."""
-    worker = start_worker(model_dir, *options)
-    try:
-        wait_healthy(*worker, timeout_s=timeout_s)
-        yield worker[1]
-    finally:
-        stop([worker])
+    with running_workers(model_dir, 1, *options, timeout_s=timeout_s) as urls:
+        yield urls[0]
