@@ -136,7 +136,8 @@ def test_same_seed_gives_identical_results(two_runs):
 @pytest.mark.slow
 def test_math_pass_at_k_counts_correct_samples(models, tmp_path):
     """A random model's samples hold stray numbers: make one of them each prompt's answer, then
-    pass@k in results.json must equal the closed form over the verdicts recomputed here."""
+    pass@k in results.json must equal the closed form over the verdicts recomputed here (lax
+    scoring: a random model states no anchored answer)."""
     from math import comb
 
     from math_verify import parse, verify
@@ -148,10 +149,10 @@ def test_math_pass_at_k_counts_correct_samples(models, tmp_path):
     args = [models["sft"], "--suite", "math", "--prompts", f"math={data}", "--engine", "hf", "--k", "1,2,4",
             "--samples", str(n), "--temperature", "1.0", "--max-new-tokens", "24", "--seed", "3"]
 
-    def run(answers: list[str]) -> tuple[dict, list[dict]]:
+    def run(answers: list[str], scoring: str = "--math-lax") -> tuple[dict, list[dict]]:
         write_jsonl([{**r, "answer": a} for r, a in zip(rows, answers)], data)
         out = tmp_path / "out"
-        invoke([*args, "--out", out])
+        invoke([*args, scoring, "--out", out])
         sampled = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()][len(rows):]
         return json.loads((out / "results.json").read_text())["suites"]["math"], sampled
 
@@ -165,6 +166,8 @@ def test_math_pass_at_k_counts_correct_samples(models, tmp_path):
     for k in (1, 2, 4):
         expected = sum(1 - comb(n - c, k) / comb(n, k) for c in correct) / 3
         assert math[f"pass@{k}"]["values"]["sft"] == pytest.approx(expected)
+    strict, _ = run(answers, "--math-strict")  # the default: stray numbers are not answers
+    assert strict["pass@4"]["values"]["sft"] == 0.0
 
 
 def test_code_fixture_is_solvable_by_reference_solutions():

@@ -80,7 +80,7 @@ def run_evaluation(recipe: Recipe, stages: dict[str, dict[str, Any]], console) -
     out = Path(recipe.output_dir) / "eval"
     options = EvalOptions(out=out, engine=cfg.engine, seed=recipe.seed, limit=cfg.limit, k=tuple(cfg.k),
                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                          max_prompt_len=cfg.max_prompt_len, judge=judge,
+                          max_prompt_len=cfg.max_prompt_len, judge=judge, math_strict=cfg.math_strict,
                           prompts={suite: Path(path) for suite, path in cfg.prompts.items()})
     console.rule("evaluation: " + " vs ".join(c.label for c in checkpoints))
     results, records = evaluate(checkpoints, cfg.suites, options,

@@ -54,6 +54,9 @@ def eval_command(
     judge: Path | None = typer.Option(None, "--judge", help="Reward-model directory for the reward suite "
                                       "(default: the run's reward_model stage)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="HF engine: prompts per generate call."),
+    math_strict: bool = typer.Option(True, "--math-strict/--math-lax", help="math: only an anchored value counts "
+                                     "(\"The answer is 7.\", \\boxed{7}); lax = math-verify's default, the last "
+                                     "expression anywhere, evaluated (docs/rewards.md)."),
 ) -> None:
     """Evaluate checkpoints on suites; write results.json, report.md and plots to --out."""
     from rich.console import Console
@@ -78,7 +81,8 @@ def eval_command(
             or resolve_checkpoints([baseline]).checkpoints[0]
     options = EvalOptions(out=out, engine=engine, seed=seed, limit=limit, k=parse_k(k), samples=samples,
                           temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
-                          batch_size=batch_size, prompts=parse_prompts(prompts), judge=judge, baseline=base)
+                          batch_size=batch_size, prompts=parse_prompts(prompts), judge=judge, baseline=base,
+                          math_strict=math_strict)
     console = Console()
     results, records = evaluate(resolved.checkpoints, suites, options,
                        progress=lambda c, s: console.print(f"[bold]{c.label}[/] · {s.name}", highlight=False))

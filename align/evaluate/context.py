@@ -41,6 +41,7 @@ class EvalOptions:
     temperature: float = 0.8  # for pass@k sampling; greedy metrics always use 0
     max_new_tokens: int = 256
     max_prompt_len: int = 512  # as GRPO's default, so prompts are cut the way training cut them
+    math_strict: bool = True  # math_accuracy's `strict` (rewards/accuracy.py): an anchored value only
     batch_size: int | None = None  # HF engine: prompts per generate call
     prompts: dict[str, Path] = field(default_factory=dict)  # suite name -> prompts/conversations file
     judge: Path | None = None

@@ -520,6 +520,9 @@ class EvaluateConfig(Strict):
     max_new_tokens: int = Field(256, gt=0, description="Completion length limit in tokens, every suite.")
     max_prompt_len: int = Field(512, gt=0, description="Prompt tokens kept (the last ones), as GRPO's "
                                                        "max_prompt_len cuts them.")
+    math_strict: bool = Field(True, description="math suite: only an anchored value counts (\"The answer is "
+                                                "7.\", \\boxed{7}), as math_accuracy's default `strict`; false = "
+                                                "math-verify's default, the last expression evaluated (docs/rewards.md).")
 
 
 class DistributedConfig(Strict):

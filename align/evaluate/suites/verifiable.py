@@ -60,10 +60,10 @@ class MathSuite(VerifiableSuite):
     """Final-answer accuracy by math-verify (`math_accuracy`); default: held-out synthetic math."""
 
     name = "math"
-    reward = RewardSpec(name="math_accuracy")
 
     def __init__(self, options: EvalOptions):
         super().__init__(options, defaults.math_prompts)
+        self.reward = RewardSpec(name="math_accuracy", kwargs={"strict": options.math_strict})
 
 
 class CodeSuite(VerifiableSuite):
