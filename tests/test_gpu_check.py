@@ -56,7 +56,7 @@ def test_cpu_smoke_runs_every_part_through_the_gpu_code_paths(tmp_path):
     fsdp, colocate, transfer = (parts[p]["figures"] for p in ("fsdp", "colocate", "transfer"))
     assert fsdp["ranks"] == 2 and fsdp["checkpoint_shard_files"] == 2
     assert fsdp["resume_max_abs_weight_diff"] == 0.0
-    assert fsdp["grpo"] in ("refused", "ran")
+    assert fsdp["grpo"] == "ran"
     # float32 on CPU: the engine serves the pushed weights to ~1e-6 per token, also after a sync while asleep
     assert colocate["sync_check_gap_after_sleep"] < 1e-5 and colocate["max_logprob_gap"] < 1e-4
     assert colocate["lost_sync_gap"] > 1e-3  # a lost sync would fail the check (float32 tolerance 1e-3)
