@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from align.checkpoint import TRASH, checkpoint_steps, forget_latest, latest_chec
 from align.errors import AlignError
 from helpers.save_loop import save_forever, save_marked, save_under_fsize_limit, small_model, stepped_optimizer
 
-KILLS = 24
+KILLS = 12  # each kill starts a process that imports torch (~8 s)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,13 @@ def mp_ctx():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["helpers.save_loop"])
     return ctx
+
+
+def _wait_for_a_save_after(stage_dir: Path, step: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (found := latest_checkpoint(stage_dir)) is None or int(found.name.split("-")[-1]) <= step:
+        assert time.monotonic() < deadline, f"no checkpoint after step {step} within {timeout_s} s"
+        time.sleep(0.01)
 
 
 def _verify(stage_dir: Path) -> int:
@@ -56,16 +64,21 @@ def test_sigkill_during_saves_never_leaves_latest_unloadable(tmp_path, mp_ctx):
     ctx = mp_ctx
     rng = random.Random(7)
     stage_dir = tmp_path / "stage"
-    # one complete checkpoint first, so that every kill has something to protect
+    # one complete checkpoint first, so that every kill has something to protect; its duration
+    # scales the kill moments, so they land mid-write whatever the machine's speed
     model = small_model()
+    started = time.monotonic()
     save_marked(stage_dir, 1, model, stepped_optimizer(model))
+    save_s = time.monotonic() - started
     mid_write, steps = 0, []
-    for _ in range(KILLS):
+    for i in range(KILLS):
         ready = ctx.Event()
         child = ctx.Process(target=save_forever, args=(stage_dir, ready), daemon=True)
         child.start()
         assert ready.wait(60), "save loop did not start"
-        os.kill(child.pid, signal.SIGKILL) if child.join(rng.uniform(0.0, 0.5)) is None else None
+        if i % 4 == 3:  # every fourth child first completes a save: progress is checked, not hoped for
+            _wait_for_a_save_after(stage_dir, steps[-1])
+        os.kill(child.pid, signal.SIGKILL) if child.join(rng.uniform(0.0, 2 * save_s)) is None else None
         child.join()
         assert child.exitcode == -signal.SIGKILL
         leftovers = [p.name for p in stage_dir.iterdir() if p.name.startswith((".tmp-", TRASH, ".latest.tmp"))]
