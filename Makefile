@@ -13,11 +13,13 @@ $(VENV)/.installed: pyproject.toml .ci/setup.sh
 quickstart: setup
 	$(PY) -m align train recipes/quickstart.yaml
 
+# Two pytest-xdist workers, whole files each (module fixtures such as a served vLLM start once);
+# tests/conftest.py gives each worker its share of the cores.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

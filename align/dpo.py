@@ -46,7 +46,7 @@ from align.loop import StageTrainer, run_stage
 from align.recipe.schema import DPOStage
 from align.reward_model import _messages
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, backward, even_batches, global_token_count, maybe_no_sync,
+from align.train_utils import (NonFiniteGuard, backward, even_batches, global_counts, maybe_no_sync,
                                optimizer_step, prepare_training, reduce_sum, step_plan)
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -286,7 +286,7 @@ class DPOTrainer(StageTrainer):
             tokens += int(batch["attention_mask"].sum())
         norm = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage, self.guard, step)
         totals = reduce_sum(acc, totals)
-        self.tokens += global_token_count(acc, tokens)
+        self.tokens += global_counts(acc, tokens)[0]
         if not log:
             return {"loss": float(totals[0] / totals[-1])}
         return {**_means(totals), "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],

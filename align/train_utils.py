@@ -3,7 +3,7 @@ schedule, gradient step. Each takes a stage config (`align.recipe.schema.StageBa
 the same thing in every stage.
 
 Why not accelerate's own gradient accumulation: align normalises a loss by the number of target
-tokens of the *whole* accumulated global batch (see `global_token_count`), which needs the
+tokens of the *whole* accumulated global batch (see `global_counts`), which needs the
 micro-batches of one optimizer step in hand before the first backward. The accelerator is therefore
 created with `gradient_accumulation_steps=1` and the trainers call `no_sync` themselves.
 """
@@ -59,10 +59,10 @@ def reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor, reduction="sum")
 
 
-def global_token_count(accelerator, local_count: int) -> int:
-    """Sum of `local_count` over all ranks (a collective: every rank must call it)."""
+def global_counts(accelerator, *local_counts: int) -> list[int]:
+    """Each of `local_counts` summed over all ranks, in one collective (every rank must call it)."""
     device = accelerator.device if accelerator is not None else "cpu"
-    return int(reduce_sum(accelerator, torch.tensor([local_count], dtype=torch.long, device=device)).item())
+    return reduce_sum(accelerator, torch.tensor(local_counts, dtype=torch.long, device=device)).tolist()
 
 
 def even_batches(n: int, batch_size: int, rank: int, world: int) -> list[range | None]:

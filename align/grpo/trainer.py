@@ -42,7 +42,7 @@ from align.offload import OffloadGroup
 from align.grpo.sharded import every_rank_done, sync_engine
 from align.sharding import reference_for_stage
 from align.stage import StageContext, StageResult
-from align.train_utils import (NonFiniteGuard, accelerate_unsharded, backward, global_token_count, load_for_training,
+from align.train_utils import (NonFiniteGuard, accelerate_unsharded, backward, global_counts, load_for_training,
                                maybe_no_sync, optimizer_step)
 from rollout.base import SamplingParams
 
@@ -144,8 +144,9 @@ class GRPOTrainer(StageTrainer):
             advantages = adv_all[acc.process_index * len(local):(acc.process_index + 1) * len(local)]
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
-            n_tokens = global_token_count(acc, int(tensors["completion_mask"].sum()))
-            self.tokens += stage.num_iterations * global_token_count(acc, int(tensors["attention_mask"].sum()))
+            n_tokens, n_all = global_counts(acc, int(tensors["completion_mask"].sum()),
+                                            int(tensors["attention_mask"].sum()))
+            self.tokens += stage.num_iterations * n_all
             chunks = [slice(i, i + micro) for i in range(0, len(samples), micro)]
             for it in range(stage.num_iterations):
                 self.model.train()
