@@ -90,7 +90,7 @@ def test_every_suite_reports_for_every_stage(two_runs, models):
     assert results["meta"]["judge"] == str(models["rm"])  # the run's reward model judges
     suites = results["suites"]
     assert set(suites) == {*ALL_SUITES, "brevity"}
-    assert set(suites["math"]) == {"greedy_accuracy", "pass@1", "pass@2"}
+    assert set(suites["math"]) == {"greedy_accuracy", "format", "pass@1", "pass@2"}
     assert set(suites["safety"]) == {"refusal_rate", "over_refusal"}
     assert suites["safety"]["over_refusal"]["higher_is_better"] is False
     assert set(suites["brevity"]) == {"short", "repetition", "reward"}

@@ -46,8 +46,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     single = subprocess.run([sys.executable, "-m", "align", "train", str(_recipe(tmp_path, model, prompts, "one"))],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(ROOT / "recipes/accelerate/cpu_ddp2.yaml"), "-m", "align", "train",
+    ddp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0",
+                          "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp2.yaml"), "-m", "align", "train",
                           str(_recipe(tmp_path, model, prompts, "two"))],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

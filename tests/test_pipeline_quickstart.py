@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers.reliability import ROOT, env, interrupt_at, train
+from rewards.rules import Format
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,12 @@ def test_run_ends_with_the_side_by_side_evaluation(killed_and_rerun):
     assert evaluation["status"] == "done"
     refusal = evaluation["metrics"]["safety/refusal_rate"]["values"]
     assert list(refusal) == ["sft", "reasoning", "preference"]
-    assert set(evaluation["metrics"]) >= {"math/greedy_accuracy", "safety/over_refusal", "reward/rm_score"}
+    assert set(evaluation["metrics"]) >= {"math/greedy_accuracy", "math/format", "safety/over_refusal",
+                                          "reward/rm_score"}
+    rows = [json.loads(line) for line in (killed_and_rerun["run"] / "eval" / "samples.jsonl").read_text().splitlines()]
+    for label, value in evaluation["metrics"]["math/format"]["values"].items():  # the format reward, recomputed
+        texts = [r["completion"] for r in rows if r["suite"] == "math" and r["checkpoint"] == label]
+        assert texts and value == pytest.approx(sum(Format()(prompts=texts, completions=texts)) / len(texts))
     report = killed_and_rerun["run"] / "eval" / "report.md"
     assert "| safety | refusal_rate ↑ |" in report.read_text()
     assert "evaluation, side by side" in killed_and_rerun["rerun"].stdout

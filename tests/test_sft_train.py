@@ -92,7 +92,7 @@ def test_two_ddp_ranks_on_cpu_match_one_process(nano_model, math_data, tmp_path)
     """2 gloo ranks × batch 4 × accumulation 1 = 1 process × 4 × 2: same global batch, same curve."""
     steps = ["stages.0.max_steps=4", "stages.0.save_steps=null"]
     run(make_ctx(tmp_path / "one", nano_model, math_data, steps))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--config_file",
            str(ROOT / "recipes" / "accelerate" / "cpu_ddp2.yaml"), str(ROOT / "tests" / "sft_helpers.py"),
            str(tmp_path / "two"), str(nano_model), str(math_data), *steps, "stages.0.gradient_accumulation_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

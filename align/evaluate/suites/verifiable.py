@@ -4,7 +4,10 @@ Metrics: `greedy_accuracy`, the share of prompts whose greedy completion gets fu
 `math_accuracy`, exactly the `eval/math_accuracy` the GRPO stage logs on the same prompts with
 the same max_new_tokens), and `pass@k` for each k of `--k`, from `--samples` completions per prompt
 at `--temperature` with the unbiased estimator (align.evaluate.passk). A prompt the reward marks
-not applicable (None: e.g. an unparseable reference) is left out of every mean.
+not applicable (None: e.g. an unparseable reference) is left out of every mean. `math` also
+reports `format`, the mean `format` reward of the greedy completions: accuracy that rises while
+format falls is how a policy that games its verifier shows (docs/rewards.md, "Why math_accuracy is
+strict").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rewards.config import RewardSpec
 class VerifiableSuite:
     name: str
     reward: RewardSpec
+    extras: tuple[RewardSpec, ...] = ()  # also scored on the greedy completions, each a metric
     lower_is_better = frozenset()
 
     def __init__(self, options: EvalOptions, default: Callable[[Path, int | None], Path] | None = None):
@@ -40,20 +44,29 @@ class VerifiableSuite:
 
     def run(self, ckpt: Checkpoint, ctx: EvalContext) -> dict[str, float]:
         prompts = ctx.prompts(ckpt, self.source, self.options.limit)
-        greedy = self._verdicts(ckpt, ctx, prompts, 1, self.options.greedy())
-        metrics = {"greedy_accuracy": sum(v[0] for v in greedy) / len(greedy) if greedy else float("nan")}
+        greedy, components = self._verdicts(ckpt, ctx, prompts, 1, self.options.greedy(), self.extras)
+        metrics = {"greedy_accuracy": _mean([v[0] for v in greedy])}
+        metrics.update({spec.key: _mean([v for v in components[spec.key] if v is not None])
+                        for spec in self.extras})
         if self.options.k:
-            groups = self._verdicts(ckpt, ctx, prompts, self.options.n_samples, self.options.sampled())
+            groups, _ = self._verdicts(ckpt, ctx, prompts, self.options.n_samples, self.options.sampled())
             metrics.update({f"pass@{k}": mean_pass_at_k(groups, k) for k in self.options.k})
         return metrics
 
-    def _verdicts(self, ckpt, ctx, prompts, n, sampling) -> list[list[bool]]:
-        """Per applicable prompt, whether each of its n samples got full credit."""
+    def _verdicts(self, ckpt, ctx, prompts, n, sampling, extras: tuple[RewardSpec, ...] = ()
+                  ) -> tuple[list[list[bool]], dict[str, list]]:
+        """Per applicable prompt, whether each of its n samples got full credit; and every scored
+        component's values (the suite's reward and `extras`), one per sample."""
         groups = ctx.generate(ckpt, prompts, self.source, n, sampling)
-        values = ctx.score([self.reward], ckpt, prompts, groups).components[self.reward.key]
+        components = ctx.score([self.reward, *extras], ckpt, prompts, groups).components
+        values = components[self.reward.key]
         per_prompt = [values[i * n:(i + 1) * n] for i in range(len(prompts))]
         return [[v is not None and v >= 1.0 for v in vals] for vals in per_prompt
-                if not all(v is None for v in vals)]
+                if not all(v is None for v in vals)], components
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 class MathSuite(VerifiableSuite):
@@ -64,6 +77,7 @@ class MathSuite(VerifiableSuite):
     def __init__(self, options: EvalOptions):
         super().__init__(options, defaults.math_prompts)
         self.reward = RewardSpec(name="math_accuracy", kwargs={"strict": options.math_strict})
+        self.extras = (RewardSpec(name="format"),)
 
 
 class CodeSuite(VerifiableSuite):
