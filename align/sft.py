@@ -218,6 +218,7 @@ class SFTTrainer(StageTrainer):
         self.model.train()
         self.pad_id = self.tokenizer.pad_token_id
         self.is_moe = bool(moe_gates(accelerator.unwrap_model(self.model)))
+        self.params = model_summary(accelerator.unwrap_model(self.model))  # before a LoRA merge zeroes "trainable"
         self.tokens = 0  # trained non-padding tokens, over every resumed run
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its batch order)
         self._window = (0.0, 0, time.perf_counter())  # loss sum, tokens, start of the logging window
@@ -261,7 +262,7 @@ class SFTTrainer(StageTrainer):
                 "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
                 "data": {k: {**v["tokenize"], "invalid_rows": v["read"]["bad"], "cached": v["cached"]}
                          for k, v in data.stats.items()},
-                **model_summary(self.acc.unwrap_model(self.model))}
+                **self.params}
 
 
 def run(ctx: StageContext) -> StageResult:

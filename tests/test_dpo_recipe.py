@@ -22,7 +22,7 @@ SMALL = [
     "stages.dpo.max_steps=3", "stages.dpo.per_device_batch_size=4", "stages.dpo.save_steps=2",
     "stages.grpo.max_steps=2", "stages.grpo.prompts_per_step=2", "stages.grpo.group_size=4",
     "stages.grpo.sampling.max_new_tokens=12", "stages.grpo.save_steps=1",
-    "evaluate.limit=6", "evaluate.max_new_tokens=12",
+    "evaluate.limit=6", "evaluate.max_new_tokens=12", "evaluate.base_model=true",
 ]
 ARGS = [arg for item in SMALL for arg in ("--set", item)]
 
@@ -40,9 +40,11 @@ def test_shrunk_online_vs_offline_recipe_compares_both_branches(tmp_path):
     assert grpo["samples"] == 2 * 2 * 4 and grpo["time_s"] > 0
     assert abs(dpo["eval_rewards/margins (before)"]) < 1e-4  # π = π_ref before the first step
     assert "eval_rewards/accuracies (after)" in dpo
-    labels = {label for metric in manifest["evaluation"]["metrics"].values() for label in metric["values"]}
-    assert {"sft", "dpo", "grpo"} <= labels, labels
+    metrics = manifest["evaluation"]["metrics"]
+    assert all(list(metric["values"]) == ["base", "sft", "dpo", "grpo"] for metric in metrics.values())
+    assert metrics["reward/win_rate"]["values"]["sft"] == 0.5  # win rates stay against SFT, not the base
     report = (run / "eval" / "report.md").read_text()
+    assert "- baseline: `sft`" in report
     compute = report.split("## Compute by stage")[1]
     for stage in ("| dpo | dpo | sft |", "| grpo | grpo | sft |", "| sft | sft | model |"):
         assert stage in compute, compute

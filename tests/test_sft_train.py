@@ -63,7 +63,7 @@ def test_lora_run_writes_a_merged_model_that_loads_anywhere(nano_model, math_dat
 
     result = run(make_ctx(tmp_path, nano_model, math_data,
                           ["stages.0.lora={r: 4, alpha: 8}", "stages.0.max_steps=3", "stages.0.save_steps=2"]))
-    assert result.summary["trainable_params"] < result.summary["params"] / 5
+    assert 0 < result.summary["trainable_params"] < result.summary["params"] / 5  # counted before the merge
     assert (tmp_path / "sft" / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert not (result.final / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(result.final)

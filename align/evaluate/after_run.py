@@ -75,12 +75,18 @@ def run_evaluation(recipe: Recipe, stages: dict[str, dict[str, Any]], console) -
     cfg = recipe.evaluate
     assert cfg is not None
     checkpoints = [Checkpoint(name, _stage_final(stages, name)) for name in _policy_stages(recipe)]
+    baseline = checkpoints[0]  # win rates against the first policy stage, with or without the base column
+    if cfg.base_model:
+        if "base" in {c.label for c in checkpoints}:
+            raise AlignError("evaluate.base_model: a policy stage is already named 'base'; rename the stage "
+                             "or set base_model: false")
+        checkpoints.insert(0, Checkpoint("base", Path(recipe.model.path)))
     judge_stage = _judge_stage(recipe)
     judge = _stage_final(stages, judge_stage) if judge_stage else Path(cfg.judge) if cfg.judge else None
     out = Path(recipe.output_dir) / "eval"
     options = EvalOptions(out=out, engine=cfg.engine, seed=recipe.seed, limit=cfg.limit, k=tuple(cfg.k),
                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                          max_prompt_len=cfg.max_prompt_len, judge=judge, math_strict=cfg.math_strict,
+                          max_prompt_len=cfg.max_prompt_len, judge=judge, math_strict=cfg.math_strict, baseline=baseline,
                           prompts={suite: Path(path) for suite, path in cfg.prompts.items()})
     console.rule("evaluation: " + " vs ".join(c.label for c in checkpoints))
     results, records = evaluate(checkpoints, cfg.suites, options,

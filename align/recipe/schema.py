@@ -507,6 +507,9 @@ class EvaluateConfig(Strict):
     suites: Annotated[list[str], Field(min_length=1)] = Field(["math", "safety"], description=(
         "Suites to run: math, code, safety, reward, loss, or a user suite YAML file (docs/evaluation.md)."))
     stages: list[str] = Field([], description="Policy stages to compare, in order; empty = all of them.")
+    base_model: bool = Field(False, description="Also evaluate the recipe's `model` (before any stage), as the "
+                                                "first column `base`, so the table shows what SFT changed; the "
+                                                "reward suite's win rate stays against the first policy stage.")
     judge: str | None = Field(None, description="reward_model stage (or model dir) for the `reward` suite.")
     prompts: dict[str, str] = Field({}, description="suite -> prompts file; default: held-out synthetic.")
     limit: int | None = Field(None, gt=0, description="Prompts per suite; null: the suite's default (100 "
