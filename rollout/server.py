@@ -1,9 +1,10 @@
 """align's own rollout worker over HTTP (`align rollout serve --engine hf`): one HF engine,
 loopback by default, token ids in and out. It is the engine that records MoE routes on CPU.
 
-Routes: `GET /health` (model, engine, dtype, weight_version), `POST /generate` (JSON:
-prompt_token_ids, n, sampling, return_routes), `POST /prompt_logprobs` (the sync check's probe),
-`POST /sleep`, `POST /wake`, and the weight-update lifecycle of vLLM's RL routes:
+Routes: `GET /health` (model, engine, dtype, weight_version, and `update`: where a weight update
+stands), `POST /generate` (JSON: prompt_token_ids, n, sampling, return_routes),
+`POST /prompt_logprobs` (the sync check's probe), `POST /sleep`, `POST /wake`, and the
+weight-update lifecycle of vLLM's RL routes:
 
 - `POST /init_weight_transfer_engine {"init_info": {master_address, master_port, world_size,
   timeout_s}}`: join the trainer's gloo group as rank 1 (rollout.gloo_group); answers once joined.
@@ -101,7 +102,8 @@ def create_app(engine: HFEngine, model_name: str) -> FastAPI:
     dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
 
     def health() -> dict:
-        return {"model": model_name, "engine": "hf", "dtype": dtype, "weight_version": engine.weight_version}
+        return {"model": model_name, "engine": "hf", "dtype": dtype, "weight_version": engine.weight_version,
+                "update": receiver.stage}
 
     @app.get("/health")
     def get_health() -> dict:
