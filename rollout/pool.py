@@ -18,7 +18,6 @@ of the sync check's probe (rollout.sync_check).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -49,7 +48,6 @@ class WorkerPool:
         self.start_hint = start_hint
         self.timeout_s = timeout_s
         self.weight_version = 0
-        self.sync_s = 0.0  # the last sync's wall time, check excluded
         self.stats: dict[str, float] = {"requests": 0, "retries": 0, "dead_workers": 0, "samples": 0,
                                         "stale_samples": 0, "syncs": 0, "readmitted": 0, "sync_check_gap": 0.0}
         self._http = httpx.Client(timeout=timeout_s)
@@ -130,7 +128,6 @@ class WorkerPool:
         worker whose sync fails with SYNC_GONE is dead (its weights are stale); any other error (a
         refused request, a bug) would fail alike everywhere and is raised."""
         version = self.weight_version + 1
-        start = time.perf_counter()
         urls = list(self.live)
         with ThreadPoolExecutor(max_workers=len(urls) or 1) as pool:
             futures = {url: pool.submit(sync_one, url, version) for url in urls}
@@ -143,7 +140,6 @@ class WorkerPool:
         if not self.live:
             raise self.no_worker_left("update_weights")
         self.weight_version = version
-        self.sync_s = time.perf_counter() - start
         self.stats["syncs"] += 1
 
     def check_workers(self, kind: str, want: list[float],
