@@ -6,9 +6,11 @@ on the same model, prompts and seed. Reports each path's median sync time and st
     python bench/bench_sync.py --size tiny --steps 5 --baseline /path/to/align-checkout-before
 
 `--baseline` is an align checkout whose `align rollout serve --engine vllm` still is align's own
-FastAPI worker (this checkout's starts stock vLLM); without it the HTTP path runs `--engine hf`
-workers (the same HTTP weight push, HF generate). The servers of one path are stopped before the
-other path starts, so the two never share the 2 cores. Prints Markdown for docs/benchmarks.md.
+FastAPI worker (this checkout's starts stock vLLM); without it the first path runs this
+checkout's `--engine hf` workers (HF generate, weights over gloo too). The HF workers' sync alone,
+against the HTTP body it replaced: bench/bench_hf_sync.py. The servers of one path are stopped
+before the other path starts, so the two never share the 2 cores. Prints Markdown for
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def main() -> None:
     model_dir = Path(build_tiny(tempfile.mkdtemp(prefix=f"bench_sync_{args.size}_"), size=args.size, seed=0))
     params = sum(t.numel() for t in load_file(model_dir / "model.safetensors").values())
     http_engine = "vllm" if args.baseline else "hf"
-    paths = [(f"align HTTP workers (--engine {http_engine}), weights in the body", http_engine,
+    first = ("align HTTP workers (--engine vllm), weights in the body" if args.baseline else
+             "align HF workers (--engine hf), weights over gloo")
+    paths = [(first, http_engine,
               args.baseline or ROOT, {"engine": "hf"}),
              ("stock vllm serve, weights over gloo (this change)", "vllm", ROOT, {"engine": "vllm"})]
     results = []

@@ -19,7 +19,7 @@ class RolloutConfig(BaseModel):
     engine: Literal["hf", "vllm"] = Field("hf", description="`hf` (transformers generate, always available) or `vllm` (needs the vllm extra). With mode: server, `hf` drives `align rollout serve --engine hf` workers and `vllm` drives stock `vllm serve` processes (`align rollout serve --engine vllm`).")
     mode: Literal["colocate", "server"] = Field("colocate", description="`colocate`: the engine runs in the trainer's process (`hf` generates with the policy's own weights); `server`: workers listed in `servers`, configured by their own start-up flags (`align rollout serve`), so the colocated engine keys here do not apply.")
     servers: list[HttpUrl] = Field(default_factory=list, description="Worker URLs (`http://host:port`) for mode: server.")
-    transfer_address: str = Field("127.0.0.1", description="mode: server, engine: vllm: this trainer's address as the vLLM servers reach it; weights move over a gloo group whose TCP store listens there on a free port. Loopback by default; a private-network address when the servers run on other hosts.")
+    transfer_address: str = Field("127.0.0.1", description="mode: server: this trainer's address as the rollout servers (vLLM or align's HF workers) reach it; weights move over a gloo group per server whose TCP store listens there on a free port. Loopback by default; a private-network address when the servers run on other hosts.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Colocated vllm: weights dtype. vLLM's `auto` runs float32 checkpoints in bfloat16; float32 makes rollout logprobs match a float32 trainer to ~1e-6. (The colocated hf engine uses the policy's own weights.)")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Colocated vllm: its share of GPU memory (shared with training, so keep it low; TRL default 0.3).")
     kv_cache_gb: float = Field(1.0, gt=0, description="Colocated vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when set, wins).")
@@ -30,7 +30,7 @@ class RolloutConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Colocated vllm: longest prompt + completion in tokens; bounds the KV cache per sequence (null = the model's `max_position_embeddings`). Servers: `--max-model-len`.")
     enforce_eager: bool = Field(False, description="Colocated vllm: no CUDA graphs / torch.compile; slower decoding, faster start and less memory (vLLM `enforce_eager`). Servers: `--enforce-eager`.")
     batch_size: int | None = Field(None, ge=1, description="Colocated hf: prompts per generate call (each with its whole group); null = the whole batch.")
-    timeout_s: float = Field(600.0, gt=0, description="mode: server: seconds to wait for one worker request (and, engine: vllm, for one weight transfer).")
+    timeout_s: float = Field(600.0, gt=0, description="mode: server: seconds to wait for one worker request and for one weight transfer.")
     retries: int = Field(2, ge=0, description="mode: server: extra attempts of a failed request, each on another live worker.")
 
     @model_validator(mode="after")

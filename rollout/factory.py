@@ -15,8 +15,9 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
     """`model` is a model directory, or (engine hf, colocated) the trainer's in-memory policy, which
     the engine then shares so weight sync is free. vLLM always loads a directory.
     `record_routes`: MoE expert choices travel with each sample (HF engine, colocated or behind
-    `align rollout serve --engine hf` workers; routing replay). mode: server with engine: vllm
-    drives stock `vllm serve` processes (rollout.vllm_server) and needs the model directory."""
+    `align rollout serve --engine hf` workers; routing replay). mode: server drives align's HF
+    workers (rollout.client) or, with engine: vllm, stock `vllm serve` processes
+    (rollout.vllm_server); both need the model directory (the sync check's probe)."""
     if cfg.mode == "server" and cfg.engine == "vllm":
         from rollout.vllm_server import VLLMServers
 
@@ -27,8 +28,10 @@ def build_engine(cfg: RolloutConfig, model: str | Path | Any, tokenizer=None, *,
     if cfg.mode == "server":
         from rollout.client import RemoteEngines
 
-        return RemoteEngines(cfg.server_urls, timeout_s=cfg.timeout_s, retries=cfg.retries,
-                             record_routes=record_routes)
+        if not isinstance(model, (str, Path)):
+            raise ValueError("build_engine: rollout workers need the model directory (for the sync check's probe)")
+        return RemoteEngines(cfg.server_urls, model, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                             transfer_address=cfg.transfer_address, record_routes=record_routes)
     if cfg.engine == "hf":
         from rollout.hf import HFEngine
 

@@ -9,12 +9,17 @@ Tensors travel one group at a time (vLLM's `layerwise_groups`: one decoder layer
 embeddings, or the final norm and head): each group is packed into one uint8 buffer and
 broadcast from rank 0, so memory on either side is bounded by one layer, not the model. Only the
 metadata (names, dtypes, shapes, group sizes) travels over HTTP.
+
+Trainer side: `host_group` opens the group while the server joins it (its join is an HTTP
+request that returns once it has), `layer_groups` cuts the weights into groups, `send_while`
+broadcasts them while the server's receiving request runs.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,6 +60,31 @@ class GroupLayout:
             start += size
 
 
+def layer_groups(names: list[str]) -> list[list[str]]:
+    """vLLM's `layerwise_groups` partition, torch only: one group per decoder layer (keyed on the
+    outermost integer segment, so a MoE layer's experts stay with their layer), the names before
+    the first layer (embeddings) in front and every other un-indexed name (final norm, head) last."""
+    pre: list[str] = []
+    post: list[str] = []
+    stacks: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None:
+            (post if stacks else pre).append(name)
+        else:
+            stacks.setdefault((".".join(parts[:index]), int(parts[index])), []).append(name)
+    prefixes = list(dict.fromkeys(prefix for prefix, _ in stacks))
+    order = sorted(stacks, key=lambda key: (prefixes.index(key[0]), key[1]))
+    return [g for g in [pre, *(stacks[k] for k in order), post] if g]
+
+
+def grouped(pairs: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
+    """(name, tensor) pairs cut by `layer_groups`, in its order."""
+    by_name = dict(pairs)
+    return [[(n, by_name[n]) for n in names] for names in layer_groups(list(by_name))]
+
+
 def listen_socket(host: str) -> socket.socket:
     """A bound, listening socket on a free port of `host`, handed to the TCPStore so no other
     process can take the port between choosing and binding it."""
@@ -79,6 +109,38 @@ def open_group(address: str, port: int, rank: int, world_size: int, timeout_s: f
     else:
         store = TCPStore(address, port, world_size, is_master=False, timeout=timeout)
     return ProcessGroupGloo(PrefixStore(PREFIX, store), rank, world_size, timeout)
+
+
+def host_group(address: str, world_size: int, timeout_s: float,
+               join: Callable[[dict], object]) -> ProcessGroupGloo:
+    """Rank 0's side of a new group: a store on a free port of `address`, and `join(info)` asking
+    the other ranks to come (`info`: master_address, master_port, world_size, timeout_s). The
+    server answers `join` only once it has joined, so the group is hosted on a side thread
+    meanwhile; a refused `join` is raised at once (the rendezvous then times out on its own)."""
+    sock = listen_socket(address)
+    info = {"master_address": address, "master_port": sock.getsockname()[1], "world_size": world_size,
+            "timeout_s": timeout_s}
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        group = pool.submit(open_group, address, info["master_port"], 0, world_size, timeout_s, sock)
+        join(info)
+        return group.result()
+    finally:
+        pool.shutdown(wait=False)
+
+
+def send_while(group: ProcessGroupGloo, groups: Iterable[list[torch.Tensor]], receive: Callable[[], object]) -> int:
+    """`send_groups` while `receive()` (the request that makes the server receive them) runs on a
+    side thread; returns the bytes sent. A failed broadcast is raised without waiting for the
+    request, which may never return; the group is unusable afterwards."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        request = pool.submit(receive)
+        sent = send_groups(group, groups)
+        request.result()
+        return sent
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _broadcast(group: ProcessGroupGloo, buffer: torch.Tensor) -> None:

@@ -171,6 +171,13 @@ class HFEngine:
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Accepts the model's own names or checkpoint names (MoE experts unfused, as pushed to vLLM)."""
+        self.load_weights(named_tensors)
+        self.weight_version += 1
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy some or all weights in, version unchanged: a server worker loads one layer group at
+        a time (a MoE layer's unfused experts all in one call) and the trainer sets the version."""
         state = self.model.state_dict()
         for name, tensor in live_weights(self.model, named_tensors).items():
             if name not in state:
@@ -178,7 +185,31 @@ class HFEngine:
                                  f"{type(self.model).__name__}; send HF parameter names (merge LoRA first)")
             if state[name].data_ptr() != tensor.data_ptr():
                 state[name].copy_(tensor)
-        self.weight_version += 1
+
+    def check_weights(self, specs: Iterable[tuple[str, torch.dtype, list[int]]]) -> None:
+        """AlignError unless (name, dtype, shape) specs, as `load_weights` would get them, name
+        weights of this model in their shapes. Runs on meta tensors: no memory, no data needed,
+        so a server refuses a bad update before any tensor moves."""
+        state = self.model.state_dict()
+        meta = [(name, torch.empty(shape, dtype=dtype, device="meta")) for name, dtype, shape in specs]
+        try:
+            live = live_weights(self.model, meta)
+        except (RuntimeError, ValueError) as exc:  # e.g. experts of unequal shapes cannot be fused
+            raise AlignError(f"update_weights: the tensors sent do not convert to the model's weights: {exc}") from exc
+        wrong = [f"{name!r} (sent {list(t.shape)}, model {list(state[name].shape)})" if name in state
+                 else f"{name!r} (not a weight of {type(self.model).__name__})"
+                 for name, t in live.items()
+                 if name not in state or state[name].shape != t.shape]
+        if wrong:
+            raise AlignError(f"update_weights: {len(wrong)} tensors do not fit the model: {', '.join(wrong[:3])}; "
+                             "send HF parameter names and full (unsharded) tensors, LoRA merged")
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token t | tokens < t) for t = 1 .. len-1, as the sync check's reference computes them."""
+        ids = torch.tensor([token_ids], device=self.model.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().tolist()
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], n: int,

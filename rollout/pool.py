@@ -6,28 +6,39 @@ per live worker. A run whose worker fails is retried on another live worker, up 
 times; a worker that cannot be reached is marked dead; a worker-side error (5xx) is retried
 elsewhere without killing the worker; a 4xx is the request's fault and raised at once, since
 every worker would refuse it. Counts go to `stats` (requests, retries, dead_workers, samples,
-stale_samples), which the GRPO trainer logs as `rollout/<key>`.
+stale_samples, syncs, readmitted, sync_check_gap), which the GRPO trainer logs as `rollout/<key>`.
+
+Weight syncs (`sync_all`) go to every live worker at once, each over its own transfer group, so
+one worker failing costs only that worker; before each sync the dead workers are asked for
+`/health` again (`revive`), and one that answers is synced with the others before it serves.
+After a sync, `check_workers` asks each worker for its weight version and its log-probabilities
+of the sync check's probe (rollout.sync_check).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import httpx
 
 from align.errors import AlignError
 from rollout.base import Sample
+from rollout.sync_check import SyncCheckError, compare
 
 UNREACHABLE = (httpx.TransportError,)  # connect/read errors and timeouts: the worker is gone
+# a sync failing with these lost its worker: unreachable (httpx, or requests inside vLLM's HTTP
+# client: OSError), a 5xx, or a transfer group broken by a peer that died (RuntimeError from gloo)
+SYNC_GONE = (httpx.HTTPError, OSError, RuntimeError)
 T = TypeVar("T")
 
 
 class WorkerPool:
     """Live/dead workers, their last errors and the running counts."""
 
-    def __init__(self, urls: list[str], retries: int, start_hint: str):
+    def __init__(self, urls: list[str], retries: int, start_hint: str, timeout_s: float):
         if not urls:
             raise AlignError(f"no rollout worker URLs; start workers with `{start_hint}`")
         self.urls = [u.rstrip("/") for u in urls]
@@ -35,9 +46,21 @@ class WorkerPool:
         self.errors: dict[str, str] = {}
         self.retries = retries
         self.start_hint = start_hint
+        self.timeout_s = timeout_s
         self.weight_version = 0
         self.stats: dict[str, float] = {"requests": 0, "retries": 0, "dead_workers": 0, "samples": 0,
-                                        "stale_samples": 0}
+                                        "stale_samples": 0, "syncs": 0, "readmitted": 0, "sync_check_gap": 0.0}
+        self._http = httpx.Client(timeout=timeout_s)
+
+    def _get(self, url: str, path: str, **params) -> dict:
+        response = self._http.get(url + path, params=params)
+        raise_for_refusal(url, path, response)
+        return response.json()
+
+    def _post(self, url: str, path: str, json: dict | None = None, **params) -> dict:
+        response = self._http.post(url + path, json=json, params=params)
+        raise_for_refusal(url, path, response)
+        return response.json()
 
     def mark_dead(self, url: str, exc: BaseException) -> None:
         self.errors[url] = f"{type(exc).__name__}: {exc}"
@@ -86,6 +109,61 @@ class WorkerPool:
             return [item for result in results for item in result]
 
         return asyncio.run(runs())
+
+    def revive(self, connect: Callable[[str], object]) -> None:
+        """Dead workers that answer /health again (restarted, or back on the network) are live
+        again once `connect(url)` has accepted them; the sync that follows brings them up to date."""
+        for url in [u for u in self.urls if u not in self.live]:
+            try:
+                if self._http.get(url + "/health", timeout=5).status_code != 200:
+                    continue
+                connect(url)
+            except (*UNREACHABLE, httpx.HTTPStatusError, AlignError):
+                continue
+            self.live.append(url)
+            self.stats["readmitted"] += 1
+
+    def sync_all(self, sync_one: Callable[[str, int], object]) -> None:
+        """`sync_one(url, version)` on every live worker at once, for the next weight version. A
+        worker whose sync fails with SYNC_GONE is dead (its weights are stale); any other error (a
+        refused request, a bug) would fail alike everywhere and is raised."""
+        version = self.weight_version + 1
+        urls = list(self.live)
+        with ThreadPoolExecutor(max_workers=len(urls) or 1) as pool:
+            futures = {url: pool.submit(sync_one, url, version) for url in urls}
+        for url in urls:
+            error = futures[url].exception()
+            if isinstance(error, SYNC_GONE):
+                self.mark_dead(url, error)
+            elif error is not None:
+                raise error
+        if not self.live:
+            raise self.no_worker_left("update_weights")
+        self.weight_version = version
+        self.stats["syncs"] += 1
+
+    def check_workers(self, kind: str, want: list[float],
+                      probe: Callable[[str], tuple[object, list[float], str]]) -> float:
+        """Every live worker reports the trainer's weight version and scores the probe as `want`
+        (the pushed weights' log-probabilities); `probe(url)` -> (reported version, its probe
+        log-probabilities, its dtype). Else SyncCheckError naming the worker and the gap. A worker
+        gone since its sync is dead, nothing to check. Returns the largest mean gap."""
+        worst = 0.0
+        for url in list(self.live):
+            try:
+                reported, got, dtype = probe(url)
+            except SYNC_GONE as exc:
+                self.mark_dead(url, exc)
+                continue
+            if str(reported) != str(self.weight_version):
+                raise SyncCheckError(f"sync check failed: {kind} {url} reports weight version {reported!r}, "
+                                     f"the trainer pushed version {self.weight_version}: that {kind} missed "
+                                     "the update")
+            worst = max(worst, compare(f"{kind} {url}", got, want, dtype, self.weight_version))
+        if not self.live:
+            raise self.no_worker_left("sync check")
+        self.stats["sync_check_gap"] = worst
+        return worst
 
     def count(self, samples: list[Sample]) -> None:
         """A sample made by weights older than the trainer's last push is stale."""

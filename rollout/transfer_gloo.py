@@ -21,7 +21,6 @@ when it is spawned); TRL's `vllm-serve` uses the same hook for its weight sync.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Self
 
@@ -31,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeigh
                                                    WeightTransferInitInfo, WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
-from rollout.gloo_group import GroupLayout, listen_socket, open_group, receive_groups, send_groups
+from rollout.gloo_group import GroupLayout, grouped, host_group, open_group, receive_groups, send_while
 
 BACKEND = "gloo"
 
@@ -149,41 +148,22 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             raise ValueError("gloo trainer weight transfer needs a WeightSource")
         if not init_info.is_sender:
             return cls(client=client, source=source, is_sender=False)
-        sock = listen_socket(init_info.master_address)
         world = 1 + init_info.server_world_size
-        worker_info = GlooWeightTransferInitInfo(master_address=init_info.master_address,
-                                                 master_port=sock.getsockname()[1], rank_offset=1,
-                                                 world_size=world, timeout_s=init_info.timeout_s)
-        # the server answers the request only once it has joined the group: host the group on a
-        # side thread meanwhile; a refused request is raised at once (the rendezvous then times out)
-        pool = ThreadPoolExecutor(max_workers=1)
-        try:
-            group = pool.submit(open_group, worker_info.master_address, worker_info.master_port, 0, world,
-                                init_info.timeout_s, sock)
-            client.init_weight_transfer_engine(asdict(worker_info))
-            return cls(client=client, source=source, is_sender=True, group=group.result())
-        finally:
-            pool.shutdown(wait=False)
+        group = host_group(init_info.master_address, world, init_info.timeout_s,
+                           lambda info: client.init_weight_transfer_engine({**info, "rank_offset": 1}))
+        return cls(client=client, source=source, is_sender=True, group=group)
 
     def send_weights(self) -> None:
         """start → update (the server receives while we broadcast) → finish. A failure leaves the
         group unusable; the caller drops this engine and builds a new one to retry."""
 
-        from vllm.distributed.weight_transfer.base import layerwise_groups
-
         if not self.is_sender:
             return
-        by_name = dict(self.source)
-        groups = [[(n, by_name[n]) for n in names] for names in layerwise_groups(list(by_name))]
+        groups = grouped(list(self.source))
         info = GlooWeightTransferUpdateInfo(**asdict(GroupLayout.of(groups)))
         self.client.start_weight_update()
-        pool = ThreadPoolExecutor(max_workers=1)
-        try:
-            future = pool.submit(self.client.update_weights, asdict(info))
-            self.bytes_sent = send_groups(self.group, ([t for _, t in g] for g in groups))
-            future.result()
-        finally:
-            pool.shutdown(wait=False)  # after a failed broadcast the request may never return
+        self.bytes_sent = send_while(self.group, ([t for _, t in g] for g in groups),
+                                     lambda: self.client.update_weights(asdict(info)))
         self.client.finish_weight_update()
 
     def shutdown(self) -> None:

@@ -20,15 +20,14 @@ Everything goes through vLLM's own routes (`VLLM_SERVER_DEV_MODE=1`):
 Failover (`rollout.pool`): a run whose server fails goes to another live server; a server that
 fails a sync is dead (its weights would be stale). At every sync the dead servers are asked for
 `/health` again; one that answers (restarted, or back on the network) joins a new transfer group
-and receives this sync's weights before it serves again.
+and receives this sync's weights before it serves again. align's own HF workers
+(`rollout.client`) follow the same lifecycle over the same gloo data plane.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -36,15 +35,12 @@ import torch
 
 from align.errors import AlignError
 from rollout.base import Sample, SamplingParams
-from rollout.pool import UNREACHABLE, WorkerPool, raise_for_refusal
-from rollout.sync_check import ProbeReference, SyncCheckError, compare
+from rollout.pool import SYNC_GONE, WorkerPool, raise_for_refusal
+from rollout.sync_check import ProbeReference
 
 START_HINT = "align rollout serve --engine vllm"
 BACKEND = "gloo"
 FROM_DISK = "default"  # vLLM's weight version before any update: the checkpoint it loaded
-# a sync failing with these lost its server: unreachable (httpx, or requests inside vLLM's HTTP
-# client: OSError), a 5xx, or a transfer group broken by a peer that died (RuntimeError from gloo)
-SERVER_GONE = (httpx.HTTPError, OSError, RuntimeError)
 
 
 def completion_body(prompt: list[int], sampling: SamplingParams, seed: int) -> dict:
@@ -84,7 +80,7 @@ class VLLMServers(WorkerPool):
 
     def __init__(self, urls: list[str], model_dir: str | Path, *, timeout_s: float = 600.0, retries: int = 2,
                  transfer_address: str = "127.0.0.1", record_routes: bool = False):
-        super().__init__(urls, retries, START_HINT)
+        super().__init__(urls, retries, START_HINT, timeout_s)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise AlignError("rollout.mode: server with engine: vllm drives the servers from one trainer process; "
                              f"this run has {torch.distributed.get_world_size()} ranks. Train on one rank, or "
@@ -94,34 +90,20 @@ class VLLMServers(WorkerPool):
                              "routes only with enable_return_routed_experts (model runner V2 and Triton; not on "
                              "CPU), which align does not drive yet. Use `align rollout serve --engine hf` workers "
                              "(rollout.engine: hf), or set routing_replay: false")
-        self.timeout_s = timeout_s
         self.transfer_address = transfer_address
         self.reference = ProbeReference(model_dir)
-        self.sync_s = 0.0
-        self.stats.update({"syncs": 0, "readmitted": 0, "sync_check_gap": 0.0})
-        self._http = httpx.Client(timeout=timeout_s)
         self.servers: dict[str, Server] = {}
         for url in self.urls:
             try:
-                self.servers[url] = self._connect(url)
-            except SERVER_GONE as exc:  # down at start: it joins at a sync once it answers
+                self._connect(url)
+            except SYNC_GONE as exc:  # down at start: it joins at a sync once it answers
                 self.mark_dead(url, exc)
         if not self.live:
             raise self.no_worker_left("connect")
 
     # ------------------------------------------------------------------ control plane
 
-    def _get(self, url: str, path: str, **params) -> dict:
-        response = self._http.get(url + path, params=params)
-        raise_for_refusal(url, path, response)
-        return response.json()
-
-    def _post(self, url: str, path: str, json: dict | None = None, **params) -> dict:
-        response = self._http.post(url + path, json=json, params=params)
-        raise_for_refusal(url, path, response)
-        return response.json()
-
-    def _connect(self, url: str) -> Server:
+    def _connect(self, url: str) -> None:
         """Read the server's settings (refusing one that cannot serve a GRPO run correctly) and
         join it in a new weight-transfer group."""
         try:
@@ -147,7 +129,7 @@ class VLLMServers(WorkerPool):
             self._post(url, "/reset_prefix_cache")
             self._post(url, "/update_weight_version", json={"new_version": FROM_DISK})
         self._init_transfer(server)
-        return server
+        self.servers[url] = server
 
     def _init_transfer(self, server: Server) -> None:
         from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
@@ -160,28 +142,18 @@ class VLLMServers(WorkerPool):
         server.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=HTTPVLLMWeightSyncClient(server.url, timeout=self.timeout_s), source=RoundSource())
 
-    def _sync_one(self, server: Server, pairs: list[tuple[str, torch.Tensor]], version: int) -> None:
+    def _sync_one(self, url: str, pairs: list[tuple[str, torch.Tensor]], version: int) -> None:
         """Pause, move the weights, label them, resume. Any failure leaves the server dead."""
-        self._post(server.url, "/pause", mode="wait")  # clears the prefix cache of the old weights
+        server = self.servers[url]
+        self._post(url, "/pause", mode="wait")  # clears the prefix cache of the old weights
         server.transfer.source.set(pairs)
         try:
             server.transfer.send_weights()
         finally:
             server.transfer.source.set([])  # hold no reference to the trainer's tensors
-        self._post(server.url, "/update_weight_version", json={"new_version": str(version)})
-        self._post(server.url, "/resume")
-
-    def _revive(self) -> None:
-        """Dead servers that answer /health again rejoin, to be synced before they serve."""
-        for url in [u for u in self.urls if u not in self.live]:
-            try:
-                if self._http.get(url + "/health", timeout=5).status_code != 200:
-                    continue
-                self.servers[url] = self._connect(url)  # a restarted server: new settings, new group
-            except (*UNREACHABLE, httpx.HTTPStatusError, AlignError):
-                continue
-            self.live.append(url)
-            self.stats["readmitted"] += 1
+        self._post(url, "/update_weight_version", json={"new_version": str(version)})
+        self._post(url, "/resume")
+        server.version = version
 
     # ------------------------------------------------------------------ RolloutEngine
 
@@ -193,50 +165,19 @@ class VLLMServers(WorkerPool):
 
     def push(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         """The sync without its check: every live server gets `pairs` as the next weight version."""
-        version = self.weight_version + 1
-        start = time.perf_counter()
-        self._revive()
-        servers = [self.servers[u] for u in self.live]
-        with ThreadPoolExecutor(max_workers=len(servers) or 1) as pool:
-            futures = {s.url: pool.submit(self._sync_one, s, pairs, version) for s in servers}
-        for server in servers:
-            error = futures[server.url].exception()
-            if error is None:
-                server.version = version
-            elif isinstance(error, SERVER_GONE):  # the server's weights are stale: it serves no more
-                self.mark_dead(server.url, error)
-            else:  # a refused request (AlignError) or a bug: every server would fail alike
-                raise error
-        if not self.live:
-            raise self.no_worker_left("update_weights")
-        self.weight_version = version
-        self.sync_s = time.perf_counter() - start
-        self.stats["syncs"] += 1
+        self.revive(self._connect)  # a restarted server: new settings, new group
+        self.sync_all(lambda url, version: self._sync_one(url, pairs, version))
 
     def check_sync(self, pairs: list[tuple[str, torch.Tensor]]) -> float:
         """Every live server reports this version and scores the probe like the pushed weights do;
         else SyncCheckError naming the server and the gap. Returns the largest mean gap."""
-        want = self.reference.logprobs(pairs)
-        worst = 0.0
-        for url in list(self.live):
-            try:
-                reported = self._get(url, "/weight_info")["weight_version"]
-                body = {"prompt": self.reference.tokens, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
-                choice = self._post(url, "/v1/completions", json=body)["choices"][0]
-            except SERVER_GONE as exc:  # died since its sync: it serves no more, nothing to check
-                self.mark_dead(url, exc)
-                continue
-            if str(reported) != str(self.weight_version):
-                raise SyncCheckError(f"sync check failed: vLLM server {url} reports weight version {reported!r}, "
-                                     f"the trainer pushed version {self.weight_version}: that server missed "
-                                     "the update")
-            got = probe_logprobs(choice, self.reference.tokens)
-            worst = max(worst, compare(f"vLLM server {url}", got, want, self.servers[url].dtype,
-                                       self.weight_version))
-        if not self.live:
-            raise self.no_worker_left("sync check")
-        self.stats["sync_check_gap"] = worst
-        return worst
+        return self.check_workers("vLLM server", self.reference.logprobs(pairs), self._probe)
+
+    def _probe(self, url: str) -> tuple[str, list[float], str]:
+        reported = self._get(url, "/weight_info")["weight_version"]
+        body = {"prompt": self.reference.tokens, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
+        choice = self._post(url, "/v1/completions", json=body)["choices"][0]
+        return reported, probe_logprobs(choice, self.reference.tokens), self.servers[url].dtype
 
     async def _generate_on(self, http: httpx.AsyncClient, url: str, first: int, prompts: list[list[int]], n: int,
                            sampling: SamplingParams) -> list[list[Sample]]:

@@ -40,7 +40,8 @@ from rollout.base import Sample
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STEPS = 5
-RUNNING_COUNTS = ("rollout/requests", "rollout/retries", "rollout/dead_workers", "rollout/samples")
+RUNNING_COUNTS = ("rollout/requests", "rollout/retries", "rollout/dead_workers", "rollout/samples", "rollout/syncs",
+                  "rollout/readmitted")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,7 @@ def test_every_sample_is_at_most_one_version_old_and_corrected(whole):
     assert [r["rollout/off_policy_samples"] for r in rows] == [0, 8, 8, 8, 8]  # 2 prompts × 4
     assert all(r["rollout/stale_samples"] == 0 for r in rows)  # no worker served weights older than pushed
     assert versions == [STEPS, STEPS]  # both workers got every push
+    assert all(r["rollout/sync_check_gap"] < 1e-6 for r in rows)  # and served it (float32 on both sides)
     on, off = rows[0], rows[1:]
     # on-policy: the engine's logprobs are the trainer's up to numerics, so the IS weights are 1
     assert on["mismatch/logp_diff_max"] < 1e-4 and abs(on["rollout_is/weight_mean"] - 1) < 1e-4

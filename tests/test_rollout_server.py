@@ -1,20 +1,31 @@
 """Real `align rollout serve --engine hf` workers (subprocesses on loopback) driven by RemoteEngines:
-two dense HF workers and one MoE worker returning routes. Stock vLLM servers: test_vllm_serve.py."""
+two dense HF workers and one MoE worker returning routes; weights over a gloo group per worker,
+never in an HTTP body; the sync check; failover and readmission across kills and restarts.
+Stock vLLM servers: test_vllm_serve.py."""
 
 from __future__ import annotations
+
+import json
+import threading
+import time
 
 import httpx
 import pytest
 import torch
 
+from align.data.io import write_jsonl
+from align.data.synth import generate
 from align.errors import AlignError
 from align.moe import SENTINEL, moe_gates, routes_to_batch
+from align.pipeline import run_pipeline
+from align.recipe.load import load_recipe
 from align.weights import checkpoint_weights
 from rollout.base import Sample, SamplingParams
 from rollout.client import RemoteEngines
 from rollout.hf import HFEngine
 from rollout.pool import split_runs
-from rollout.wire import routes_from_json, routes_to_json, sample_from_json, sample_to_json
+from rollout.sync_check import SyncCheckError
+from rollout.wire import pack_weights, routes_from_json, routes_to_json, sample_from_json, sample_to_json
 from helpers.workers import chat_ids, running_worker, start_worker, stop, wait_healthy
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
@@ -49,14 +60,24 @@ def test_split_runs_keeps_whole_prompts_and_covers_the_batch():
     assert split_runs(6, 3) == [(0, 2), (2, 4), (4, 6)]
 
 
+def perturb(model: torch.nn.Module, scale: float = 0.2) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def completions(groups) -> list[list[list[int]]]:
+    return [[s.completion_ids for s in g] for g in groups]
+
+
 def test_health_reports_model_engine_and_version(workers, model_dir):
     for _, url in workers:
-        assert httpx.get(url + "/health").json() == {"model": str(model_dir), "engine": "hf",
-                                                     "weight_version": 0}
+        assert httpx.get(url + "/health").json() == {"model": str(model_dir), "engine": "hf", "dtype": "float32",
+                                                     "weight_version": 0, "update": "serving"}
 
 
-def test_batch_spreads_over_both_workers_and_matches_local_engine(workers, local, prompts):
-    client = RemoteEngines([url for _, url in workers])
+def test_batch_spreads_over_both_workers_and_matches_local_engine(workers, local, prompts, model_dir):
+    client = RemoteEngines([url for _, url in workers], model_dir)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=11)
     groups = client.generate(prompts, 3, sampling)
     assert client.stats["requests"] == 2  # one run of whole prompts per worker
@@ -67,39 +88,89 @@ def test_batch_spreads_over_both_workers_and_matches_local_engine(workers, local
     assert client.stats["stale_samples"] == 0
 
 
-def test_bad_request_is_refused_not_retried(workers):
-    client = RemoteEngines([url for _, url in workers])
+def test_bad_request_is_refused_not_retried(workers, model_dir):
+    client = RemoteEngines([url for _, url in workers], model_dir)
     with pytest.raises(AlignError, match="empty prompt"):
         client.generate([[]], 1, GREEDY)
     assert client.stats["retries"] == 0 and len(client.live) == 2
 
 
-def test_update_weights_reaches_both_workers(workers, local, prompts):
-    client = RemoteEngines([url for _, url in workers])
-    with torch.no_grad():
-        for p in local.model.parameters():
-            p.add_(torch.randn_like(p) * 0.2, alpha=1.0)
+def test_a_weight_body_is_refused_and_changes_nothing(workers, local, prompts, model_dir):
+    """The old path (a safetensors state dict as the body of POST /update_weights) is gone: the
+    worker refuses it, keeps its weights and version, and serves on."""
+    url = workers[0][1]
+    client = RemoteEngines([url], model_dir)
+    before = client.generate(prompts, 1, GREEDY)
+    state = {n: torch.randn_like(t) for n, t in local.model.state_dict().items()}
+    response = httpx.post(url + "/update_weights", content=pack_weights(state.items()), params={"version": 7},
+                          headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 400 and "call /start_weight_update first" in response.json()["detail"]
+    assert httpx.get(url + "/health").json()["weight_version"] == 0
+    assert completions(client.generate(prompts, 1, GREEDY)) == completions(before)
+
+
+def test_update_weights_reaches_both_workers_over_gloo(workers, local, prompts, model_dir):
+    client = RemoteEngines([url for _, url in workers], model_dir)
+    perturb(local.model)
     before = client.generate(prompts, 1, GREEDY)
     client.update_weights(local.model.state_dict().items())
     assert [httpx.get(url + "/health").json()["weight_version"] for _, url in workers] == [1, 1]
+    assert client.stats["syncs"] == 1 and client.stats["sync_check_gap"] < 1e-6  # float32 on both sides
     after = client.generate(prompts, 1, GREEDY)
     want = local.generate(prompts, 1, GREEDY)
-    assert [g[0].completion_ids for g in after] == [g[0].completion_ids for g in want]
-    assert [g[0].completion_ids for g in before] != [g[0].completion_ids for g in want]
+    assert completions(after) == completions(want) != completions(before)
+    for got, ref in zip((s for g in after for s in g), (s for g in want for s in g)):
+        assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
     assert all(s.weight_version == 1 for g in after for s in g)
-    lagging = RemoteEngines([workers[0][1]])
+    lagging = RemoteEngines([workers[0][1]], model_dir)
     lagging.weight_version = 2  # a client ahead of the worker: its samples are stale
     lagging.generate(prompts[:2], 2, GREEDY)
     assert lagging.stats["stale_samples"] == 4
 
 
-def test_routes_from_a_dense_model_are_refused_with_the_reason(workers, prompts):
-    client = RemoteEngines([workers[0][1]], record_routes=True)
+def test_sync_check_catches_a_skipped_and_a_corrupted_sync(workers, local, model_dir):
+    urls = [url for _, url in workers]
+    client = RemoteEngines(urls, model_dir)
+    client.update_weights(local.model.state_dict().items())  # in sync: passes
+    perturb(local.model, 0.05)
+    new = list(local.model.state_dict().items())
+    with pytest.raises(SyncCheckError, match=rf"{urls[0]} does not serve the weights.*differ by"):
+        client.check_sync(new)  # the trainer moved on, the workers did not get the weights
+    name = "model.layers.1.mlp.down_proj.weight"
+    corrupted = [(n, t.flip(0) if n == name else t) for n, t in new]  # one tensor's rows swapped in transit
+    client.push(corrupted)
+    with pytest.raises(SyncCheckError, match="tolerance 0.001 for float32"):
+        client.check_sync(new)
+    client.update_weights(new)  # a good sync clears it
+    # another trainer pushed to one worker since: its version is not this trainer's
+    RemoteEngines(urls[1:], model_dir).update_weights(new)
+    with pytest.raises(SyncCheckError, match=rf"{urls[1]} reports weight version 1, the trainer pushed version 3"):
+        client.check_sync(new)
+    client.update_weights(new)  # rejoins that worker (it is in the other trainer's group now): 409, join, sync
+    assert [httpx.get(u + "/health").json()["weight_version"] for u in urls] == [4, 4]
+
+
+def test_a_push_that_does_not_fit_the_model_is_refused_before_any_tensor_moves(workers, local, model_dir):
+    client = RemoteEngines([url for _, url in workers], model_dir)
+    state = list(local.model.state_dict().items())
+    started = time.monotonic()
+    with pytest.raises(AlignError, match=r"refused /start_weight_update.*'base_model.model.lora_A.weight' "
+                                         r"\(not a weight of"):
+        client.update_weights([*state, ("base_model.model.lora_A.weight", torch.zeros(2, 2))])
+    with pytest.raises(AlignError, match=r"'model.norm.weight' \(sent \[3\], model \[64\]\)"):
+        client.update_weights([(n, torch.zeros(3) if n == "model.norm.weight" else t) for n, t in state])
+    assert time.monotonic() - started < 30  # refused at once, not after a transfer timeout
+    assert len(client.live) == 2 and client.weight_version == 0
+    assert all(httpx.get(url + "/health").json()["update"] == "serving" for _, url in workers)
+
+
+def test_routes_from_a_dense_model_are_refused_with_the_reason(workers, prompts, model_dir):
+    client = RemoteEngines([workers[0][1]], model_dir, record_routes=True)
     with pytest.raises(AlignError, match="no MoE router"):
         client.generate(prompts[:1], 1, GREEDY)
     assert client.stats["retries"] == 0 and client.live == [workers[0][1]]
     # the refusal left no state behind: the next plain request is served
-    assert RemoteEngines([workers[0][1]]).generate(prompts[:1], 1, GREEDY)[0][0].routes is None
+    assert RemoteEngines([workers[0][1]], model_dir).generate(prompts[:1], 1, GREEDY)[0][0].routes is None
 
 
 def test_routes_wire_format_round_trips_exactly():
@@ -117,19 +188,21 @@ def test_routes_wire_format_round_trips_exactly():
 
 def test_moe_worker_returns_the_routes_the_colocated_engine_records(moe_dir):
     """Same prompts and seed: the worker's decoded routes equal a colocated engine's, exactly, before
-    and after a push of checkpoint-format weights (experts unfused, as the GRPO trainer sends)."""
+    and after a push of checkpoint-format weights (experts unfused, as the GRPO trainer sends) over
+    the gloo group, which the sync check confirms."""
     local = HFEngine.from_pretrained(moe_dir, record_routes=True)
     prompts = chat_ids(local.tokenizer, ["What is 7 * 6?", "Say hello.", "Why is the sky blue?"])
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
     with running_worker(moe_dir) as url:
-        client = RemoteEngines([url], record_routes=True)
+        client = RemoteEngines([url], moe_dir, record_routes=True)
         runs = [(client.generate(prompts, 2, sampling), local.generate(prompts, 2, sampling))]
         with torch.no_grad():
             for p in local.model.parameters():
                 p.add_(torch.randn_like(p) * 0.2)
         client.update_weights(checkpoint_weights(local.model))
+        assert client.stats["sync_check_gap"] < 1e-6 and httpx.get(url + "/health").json()["weight_version"] == 1
         runs.append((client.generate(prompts, 2, sampling), local.generate(prompts, 2, sampling)))
-        plain = RemoteEngines([url]).generate(prompts, 1, GREEDY)  # one worker serves both kinds of run
+        plain = RemoteEngines([url], moe_dir).generate(prompts, 1, GREEDY)  # one worker serves both kinds of run
     assert all(s.routes is None for g in plain for s in g)
     for got, want in runs:
         got_s, want_s = [s for g in got for s in g], [s for g in want for s in g]
@@ -145,9 +218,9 @@ def test_moe_worker_returns_the_routes_the_colocated_engine_records(moe_dir):
                        routes_to_batch(prompt_lens, [s.routes for s in want_s], p_len, t_len))
 
 
-def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers, prompts):
+def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers, prompts, model_dir):
     (proc_a, url_a), (proc_b, url_b) = workers
-    client = RemoteEngines([url_a, url_b], timeout_s=30)
+    client = RemoteEngines([url_a, url_b], model_dir, timeout_s=30)
     proc_b.kill()
     proc_b.wait()
     groups = client.generate(prompts, 2, GREEDY)
@@ -158,3 +231,105 @@ def test_dead_worker_is_retried_elsewhere_then_all_dead_is_a_clear_error(workers
     with pytest.raises(AlignError) as err:
         client.generate(prompts, 2, GREEDY)
     assert url_a in str(err.value) and url_b in str(err.value)
+
+
+def kill_mid_sync(proc, url: str) -> tuple[threading.Thread, list[str]]:
+    """Kill `proc` as soon as its worker reports a weight update under way; the stage it was in."""
+    seen: list[str] = []
+
+    def watch() -> None:
+        with httpx.Client(timeout=2) as http:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not seen:
+                stage = http.get(url + "/health").json()["update"]
+                if stage != "serving":
+                    proc.kill()
+                    seen.append(stage)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, seen
+
+
+def test_a_worker_killed_mid_sync_costs_nothing_and_comes_back_synced(model_dir, local, prompts):
+    """A worker killed while it receives: the survivor gets the weights in the same sync. Restarted
+    on its URL (initial weights, version 0), it is readmitted at the next sync and serves the
+    trainer's weights, with its version, before it generates anything."""
+    (proc_a, url_a), (proc_b, url_b) = started = [start_worker(model_dir), start_worker(model_dir)]
+    try:
+        for proc, url in started:
+            wait_healthy(proc, url)
+        client = RemoteEngines([url_a, url_b], model_dir, timeout_s=60)
+        perturb(local.model)
+        watcher, seen = kill_mid_sync(proc_b, url_b)
+        begun = time.monotonic()
+        client.update_weights(local.model.state_dict().items())
+        watcher.join(timeout=60)
+        assert seen and seen[0] in ("started", "receiving", "received"), seen  # killed inside the sync
+        assert time.monotonic() - begun < 30  # the dead peer broke the broadcast at once, no timeout waited
+        assert client.live == [url_a] and client.stats["dead_workers"] == 1 and client.weight_version == 1
+        assert completions(client.generate(prompts, 2, GREEDY)) == completions(local.generate(prompts, 2, GREEDY))
+        proc_b.wait()
+        proc_b, _ = started[1] = start_worker(model_dir, port=int(url_b.rsplit(":", 1)[1]))
+        wait_healthy(proc_b, url_b)
+        assert httpx.get(url_b + "/health").json()["weight_version"] == 0  # back with the initial weights
+        assert client.live == [url_a]  # not serving until a sync brings it up to date
+        perturb(local.model)
+        client.update_weights(local.model.state_dict().items())
+        assert client.live == [url_a, url_b] and client.stats["readmitted"] == 1
+        assert [httpx.get(u + "/health").json()["weight_version"] for u in (url_a, url_b)] == [2, 2]
+        want = completions(local.generate(prompts, 2, GREEDY))
+        assert completions(RemoteEngines([url_b], model_dir).generate(prompts, 2, GREEDY)) == want
+        got = client.generate(prompts, 2, GREEDY)
+        assert completions(got) == want and client.stats["stale_samples"] == 0
+    finally:
+        stop(started)
+
+
+def kill_when_synced(proc, url: str, version: int) -> threading.Thread:
+    """Kill `proc` once its worker reports `version`: between one step's sync and the next rollout."""
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).json()["weight_version"] == version:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        proc.kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_grpo_on_two_workers_loses_no_step_when_one_is_killed(tmp_path, model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(generate("math", 16, seed=4, form="prompts"), prompts)
+    started = [start_worker(model_dir), start_worker(model_dir)]
+    try:
+        for proc, url in started:
+            wait_healthy(proc, url)
+        (_, survivor), (victim, victim_url) = started
+        stage = {"name": "rl", "kind": "grpo", "prompts": str(prompts), "rewards": [{"name": "math_accuracy"}],
+                 "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 8, "max_steps": 3,
+                 "lr": 1e-3, "beta": 0.0, "sampling": {"max_new_tokens": 12}, "save_steps": None,
+                 "rollout": {"mode": "server", "servers": [u for _, u in started]}}
+        path = tmp_path / "recipe.yaml"
+        path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "model": {"path": str(model_dir)},
+                                    "logging": {"report_to": ["none"]}, "stages": [stage]}))
+        watcher = kill_when_synced(victim, victim_url, 1)
+        results = run_pipeline(load_recipe(path))
+        watcher.join(timeout=60)
+        survivor_version = httpx.get(survivor + "/health").json()["weight_version"]
+    finally:
+        stop(started)
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[-1]["rollout/dead_workers"] == 1  # killed after step 1's sync
+    assert all(r["rollout/sync_check_gap"] < 1e-6 for r in steps)
+    assert steps[-1]["rollout/samples"] == 3 * 8 and steps[-1]["rollout/stale_samples"] == 0
+    assert survivor_version == 3 and results["rl"].final.is_dir()

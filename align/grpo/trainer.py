@@ -234,6 +234,9 @@ class GRPOTrainer(StageTrainer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # after the checkpoint's weights are in
         if not (self.shares_policy or self.stage.max_staleness):  # a queue ahead resyncs itself
+            # labelled with the checkpoint's version: the engines then report the trainer's count
+            # (sync check) and the next rollout's samples are not counted stale
+            self.engine.weight_version = state["weight_version"] - 1
             self._sync_engine(self.engine)
         self.rewards.load_state_dict(state["rewards"])
         self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]

@@ -24,8 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(model_dir, *options: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_worker(model_dir, *options: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """An `align rollout serve` process on `port` (a free one by default; the same one to restart a
+    worker on its URL)."""
+    port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "align", "rollout", "serve", "--model", str(model_dir),
                              "--port", str(port), *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
