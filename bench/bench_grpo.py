@@ -13,10 +13,11 @@ has after the leg's last step is printed next to its time (an in-process vLLM en
 
 Prints per leg: median s/step after one warm-up step, completion tokens per step, and the median
 of each phase (rollout, reward, logprobs, forward, backward, optimizer, sync, other = the rest of
-the step); then the ratio align / TRL (lower is better). align's phases are its own `time/*`
-metrics; TRL's come from timers wrapped around its methods (`_generate`, `_calculate_rewards`,
-`_get_per_token_logps_and_entropies`, `compute_loss`, `accelerator.backward`, the optimizer
-callbacks), exclusive of nested timers.
+the step); then the ratio align / TRL (lower is better). align's step is one `train_step` and its
+phases are its own `time/*` metrics; TRL's step is the time between two step ends of its loop
+(its data loader and logging included) and its phases come from timers wrapped around its methods
+(`_generate`, `_calculate_rewards`, `_get_per_token_logps_and_entropies`, `compute_loss`,
+`accelerator.backward`, `_clip_grad_norm`, the optimizer callbacks), exclusive of nested timers.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+from phase_timers import ExclusiveTimers, trl_step_profile  # bench/ is on sys.path: scripts run as bench/*.py
 
 PHASES = ("rollout", "reward", "logprobs", "advantage", "forward", "backward", "optimizer", "sync", "other")
 LEGS = {"hf": "align-hf", "vllm": "align-vllm"}
@@ -99,63 +101,19 @@ def bench_align(root: Path, model: Path, prompts: Path, args, engine: str) -> di
     return {"build_s": build_s, "steps": steps[1:]}  # the first step warms up
 
 
-class ExclusiveTimers:
-    """Wall time per phase, nested timers subtracted from the enclosing one (a logprob pass inside
-    `compute_loss` is counted once)."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self._stack: list[list] = []  # [phase, start, time spent in children]
-
-    @contextmanager
-    def __call__(self, phase: str):
-        self._stack.append([phase, time.perf_counter(), 0.0])
-        try:
-            yield
-        finally:
-            phase, start, children = self._stack.pop()
-            spent = time.perf_counter() - start
-            self.times[phase] = self.times.get(phase, 0.0) + spent - children
-            if self._stack:
-                self._stack[-1][2] += spent
-
-    def wrap(self, obj, name: str, phase) -> None:
-        """Time every call of `obj.name` as `phase` (a string, or a function of nothing giving one)."""
-        inner = getattr(obj, name)
-
-        def timed(*a, **k):
-            with self(phase() if callable(phase) else phase):
-                return inner(*a, **k)
-
-        setattr(obj, name, timed)
-
-
 def bench_trl(root: Path, model: Path, prompts: Path, args, use_vllm: bool) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     timers, steps = ExclusiveTimers(), []
-    tokens: list[int] = []
+    tokens: list[int] = []  # completion tokens of the current step
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            timers.times.clear()
-            tokens.clear()
-            self.start = time.perf_counter()
-
-        def on_pre_optimizer_step(self, *a, **k):
-            self.opt = time.perf_counter()
-
-        def on_optimizer_step(self, *a, **k):
-            timers.times["optimizer"] = timers.times.get("optimizer", 0.0) + time.perf_counter() - self.opt
-
-        def on_step_end(self, *a, **k):
-            total = time.perf_counter() - self.start
-            phases = {p: timers.times.get(p, 0.0) for p in PHASES if p != "other"}
-            phases["other"] = total - sum(phases.values())
-            steps.append({"s": total, "tokens": sum(tokens), **phases})
+    def step_tokens() -> int:
+        n = sum(tokens)
+        tokens.clear()
+        return n
 
     vllm = ({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
              "vllm_importance_sampling_correction": False} if use_vllm else {})
@@ -169,7 +127,8 @@ def bench_trl(root: Path, model: Path, prompts: Path, args, use_vllm: bool) -> d
     start = time.perf_counter()
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
                           reward_funcs=[diversity], args=config, train_dataset=data,
-                          processing_class=AutoTokenizer.from_pretrained(model), callbacks=[StepTimer()])
+                          processing_class=AutoTokenizer.from_pretrained(model),
+                          callbacks=[trl_step_profile(timers, PHASES, steps, step_tokens)])
     build_s = time.perf_counter() - start
     reward_inner = trainer._calculate_rewards
 
@@ -184,6 +143,7 @@ def bench_trl(root: Path, model: Path, prompts: Path, args, use_vllm: bool) -> d
                 lambda: "forward" if torch.is_grad_enabled() else "logprobs")
     timers.wrap(trainer, "compute_loss", "forward")
     timers.wrap(trainer.accelerator, "backward", "backward")
+    timers.wrap(trainer, "_clip_grad_norm", "optimizer")
     if use_vllm:
         timers.wrap(trainer.vllm_generation, "sync_weights", "sync")
     trainer.train()
