@@ -142,7 +142,18 @@ def build_optimizer(model, stage) -> torch.optim.AdamW:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": stage.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, fused=fusable(decay + no_decay))
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW (one kernel over all tensors; transformers' default `adamw_torch_fused`):
+    on CPU, one step over SmolLM2-135M took 0.16 s fused and 0.8-6 s with torch's default for-loop
+    AdamW (1 thread, shared machine; docs/benchmarks.md). Same update rule, one kernel.
+    Plain float tensors on CPU or CUDA only: sharded (DTensor) parameters keep the default."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                and not isinstance(p, DTensor) for p in params)
 
 
 def build_scheduler(optimizer, stage, total_steps: int):

@@ -128,7 +128,7 @@ def colocated_grpo(model_dir: str, args) -> list[dict]:
 
 def print_colocated(rows: list[dict]) -> None:
     """Per step: every phase's seconds, the sync share of the step, offload/reload time and bytes."""
-    phases = sorted({k for row in rows for k in row if k.startswith("time/")})
+    phases = sorted({k for row in rows for k in row if k.startswith("time/") and k.count("/") == 1})
     print("\n| step | " + " | ".join(p.removeprefix("time/") + " s" for p in phases)
           + " | step s | sync share | offload s | reload s | moved MiB each way |")
     print("|---" * (len(phases) + 6) + "|")

@@ -5,16 +5,22 @@
     against the raw fast tokenizer's batch encode of the same, already rendered texts, and against
     `apply_chat_template(..., return_assistant_tokens_mask=True)` (what TRL calls); peak RSS of the
     cache build, measured in a child process.
-(b) training tokens/s on the same data and model: align's loop (padded, and packed) against TRL's
-    SFTTrainer with its defaults (batch 8, no packing).
+(b) training tokens/s on the same data, model, batch, max length and torch threads, each leg in its
+    own process: align's trainer (length-bucketed padding, and packing) against TRL's SFTTrainer with
+    its defaults (gradient checkpointing on), with gradient checkpointing off (align's default: the
+    same work as align padded), and with padding-free packing (`packing=True`, bfd, `padding_free`;
+    the same work as align packed). Per-step phases of TRL (data, forward, backward, optimizer).
 
-    python bench/bench_sft.py --rows 300000 --train-rows 2000 --size tiny
+    python bench/bench_sft.py --rows 300000 --skip train
+    python bench/bench_sft.py --skip preprocess --train-rows 1000 --size tiny
+    python bench/bench_sft.py --skip preprocess --model DIR --train-rows 400 --max-steps 12
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -81,71 +87,141 @@ def bench_preprocessing(n: int, model: Path, work: Path) -> dict:
             "peak_rss_gib": ours["peak_rss_gib"], "cache_reload_s": ours["reload_s"], "tokens": ours["tokens"]}
 
 
-def bench_training(rows: int, size: str, work: Path) -> dict:
+# TRL's legs: SFTConfig defaults (gradient checkpointing on) except bf16 (SFTConfig turns it on; on a
+# CPU transformers refuses it, and align's `bf16: auto` is float32 there too) and no saving/reporting.
+TRL_LEGS = {"trl_defaults": {}, "trl_no_checkpointing": {"gradient_checkpointing": False},
+            "trl_padding_free_packing": {"packing": True, "padding_free": True, "gradient_checkpointing": False}}
+ALIGN_LEGS = {"align_padded": False, "align_packed": True}
+PHASES = ("data", "forward", "backward", "optimizer", "other")
+
+
+def bench_training(args, work: Path) -> dict:
+    """Every leg in its own process with the same torch threads, batch, max length and data;
+    tokens/s = non-padding tokens / wall time over the steps after the first (a warm-up)."""
     from align.data.io import write_jsonl
     from align.data.synth import generate
     from align.models.tiny import build_tiny
 
-    model = build_tiny(work / f"model-{size}", size)
+    model = Path(args.model) if args.model else build_tiny(work / f"model-{args.size}", args.size)
     data = work / "train.jsonl"
-    write_jsonl(generate("chat", rows, seed=1), data)
-    results = {"rows": rows, "model": size}
-    results["trl_sfttrainer_defaults"] = _trl_tokens_per_s(work / "trl", model, data)
-    for label, packed in (("align_padded", False), ("align_packed", True)):
-        results[label] = _align_tokens_per_s(work / label, model, data, packed)
-        print(label, results[label], file=sys.stderr, flush=True)
-    for label in ("align_padded", "align_packed"):
-        results[f"{label}_vs_trl"] = results[label] / results["trl_sfttrainer_defaults"]
+    write_jsonl(generate("chat", args.train_rows, seed=1), data)
+    results = {"rows": args.train_rows, "model": args.model or args.size, "threads": args.threads,
+               "batch": args.batch, "max_seq_len": args.max_seq_len, "max_steps": args.max_steps}
+    for leg in [*TRL_LEGS, *ALIGN_LEGS]:
+        out = work / f"{leg}.json"
+        subprocess.run([sys.executable, __file__, "--leg", leg, str(model), str(data), str(work / leg), str(out),
+                        *sys.argv[1:]], check=True)
+        results[leg] = json.loads(out.read_text())
+        print(leg, json.dumps(results[leg]), file=sys.stderr, flush=True)
+    for ours, peer in (("align_padded", "trl_no_checkpointing"), ("align_packed", "trl_padding_free_packing"),
+                       ("align_padded", "trl_defaults")):
+        results[f"{ours}_vs_{peer}"] = results[ours]["tokens_per_s"] / results[peer]["tokens_per_s"]
+    results["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     return results
 
 
-def _align_tokens_per_s(out: Path, model: Path, data: Path, packed: bool) -> float:
+def run_leg(leg: str, model: Path, data: Path, out: Path, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = (_trl_steps(out, model, data, TRL_LEGS[leg], args) if leg in TRL_LEGS
+             else _align_steps(out, model, data, ALIGN_LEGS[leg], args))
+    timed = steps[1:]  # the first step warms up
+    seconds, tokens = sum(s["s"] for s in timed), sum(s["tokens"] for s in timed)
+    return {"tokens_per_s": tokens / seconds, "steps": len(timed), "tokens": tokens, "s": seconds,
+            "s_per_step": seconds / len(timed), "threads": torch.get_num_threads(),
+            **{p: sum(s[p] for s in timed) / len(timed) for p in PHASES if p in timed[0]}}
+
+
+def _align_steps(out: Path, model: Path, data: Path, packed: bool, args) -> list[dict]:
+    """align's SFT trainer driven step by step: one `train_step` (batch building included) per row."""
     from align.recipe.load import load_recipe
-    from align.sft import run
+    from align.sft import SFTTrainer
     from align.stage import StageContext
+    from align.train_utils import NonFiniteGuard, make_accelerator
 
     root = Path(__file__).resolve().parents[1]
     recipe = load_recipe(root / "recipes" / "tests" / "sft_tiny.yaml", check_files=False, overrides=[
         f"output_dir={out}", f"model.path={model}", "model.tiny=null", "synth=[]", f"stages.0.data={data}",
-        "stages.0.eval_split=0", "stages.0.max_steps=null", "stages.0.epochs=1", "stages.0.save_steps=null",
-        "stages.0.per_device_batch_size=8", "stages.0.gradient_accumulation_steps=1", "stages.0.max_seq_len=1024",
-        f"stages.0.packing={str(packed).lower()}", "stages.0.logging_steps=50"])
+        "stages.0.eval_split=0", f"stages.0.max_steps={args.max_steps or 'null'}", "stages.0.epochs=1",
+        "stages.0.save_steps=null", f"stages.0.per_device_batch_size={args.batch}",
+        "stages.0.gradient_accumulation_steps=1", f"stages.0.max_seq_len={args.max_seq_len}",
+        f"stages.0.packing={str(packed).lower()}", "stages.0.logging_steps=1", "stages.0.lr=2e-5"])
     stage = recipe.stages[0]
-    summary = run(StageContext(recipe=recipe, stage=stage, stage_dir=out / "sft", init_model=model)).summary
-    return summary["tokens"] / summary["time_s"]
+    trainer = SFTTrainer(StageContext(recipe=recipe, stage=stage, stage_dir=out / "sft", init_model=model),
+                         make_accelerator(stage), NonFiniteGuard())
+    steps = []
+    for step in range(trainer.total_steps):
+        before, start = trainer.tokens, time.perf_counter()
+        trainer.train_step(step, log=True)
+        steps.append({"s": time.perf_counter() - start, "tokens": trainer.tokens - before})
+    return steps
 
 
-def _trl_tokens_per_s(out: Path, model_dir: Path, data: Path) -> float:
+def _trl_steps(out: Path, model_dir: Path, data: Path, extra: dict, args) -> list[dict]:
+    """TRL's SFTTrainer, each step split by timers around its data loader, `compute_loss`,
+    `accelerator.backward` and optimizer (bench/phase_timers.py)."""
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from phase_timers import ExclusiveTimers, trl_step_profile
+
     ds = load_dataset("json", data_files=str(data), split="train").select_columns(["messages"])
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    # Defaults except bf16 (SFTConfig turns it on; on a CPU transformers refuses it, and align's
-    # `bf16: auto` is float32 there too) and no saving/reporting.
-    args = SFTConfig(output_dir=str(out), report_to="none", save_strategy="no", logging_steps=50,
-                     num_train_epochs=1, per_device_train_batch_size=8, disable_tqdm=True,
-                     bf16=torch.cuda.is_available())
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    t = time.perf_counter()
+    config = SFTConfig(output_dir=str(out), report_to="none", save_strategy="no", logging_steps=1,
+                       num_train_epochs=1, max_steps=args.max_steps or -1, per_device_train_batch_size=args.batch,
+                       max_length=args.max_seq_len, learning_rate=2e-5, disable_tqdm=True,
+                       bf16=torch.cuda.is_available(), **extra)
+    timers, steps, tokens = ExclusiveTimers(), [], []
+
+    def step_tokens() -> int:
+        n = sum(tokens)
+        tokens.clear()
+        return n
+
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=config,
+                         train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(model_dir),
+                         callbacks=[trl_step_profile(timers, PHASES, steps, step_tokens)])
+    loss_inner = trainer.compute_loss
+
+    def compute_loss(model, inputs, *a, **k):  # non-padding tokens: padding-free batches have no mask
+        mask = inputs.get("attention_mask")
+        tokens.append(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+        return loss_inner(model, inputs, *a, **k)
+
+    trainer.compute_loss = compute_loss
+    timers.wrap(trainer, "get_batch_samples", "data")
+    timers.wrap(trainer, "compute_loss", "forward")
+    timers.wrap(trainer.accelerator, "backward", "backward")
+    timers.wrap(trainer, "_clip_grad_norm", "optimizer")
     trainer.train()
-    return tokens / (time.perf_counter() - t)
+    return steps
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=300_000, help="conversations for the preprocessing bench")
+    p.add_argument("--train-rows", type=int, default=2000, help="conversations for the training bench")
+    p.add_argument("--size", default="tiny", help="tiny model size for the training bench (without --model)")
+    p.add_argument("--model", help="a Hugging Face model directory for the training bench")
+    p.add_argument("--batch", type=int, default=8, help="rows per step (TRL's default 8), every leg")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="max length / packed row length (TRL's default)")
+    p.add_argument("--max-steps", type=int, default=None, help="steps per leg (default: one epoch)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every leg")
+    p.add_argument("--skip", choices=["preprocess", "train"], default=None)
+    return p.parse_args(argv)
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         _child_cache_build(*sys.argv[2:5])
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=300_000, help="conversations for the preprocessing bench")
-    p.add_argument("--train-rows", type=int, default=2000, help="conversations for the training bench")
-    p.add_argument("--size", default="tiny", help="tiny model size for the training bench")
-    p.add_argument("--skip", choices=["preprocess", "train"], default=None)
-    args = p.parse_args()
+    if sys.argv[1:2] == ["--leg"]:
+        leg, model, data, out, result = sys.argv[2:7]
+        Path(result).write_text(json.dumps(run_leg(leg, Path(model), Path(data), Path(out), parse_args(sys.argv[7:]))))
+        return
+    args = parse_args(sys.argv[1:])
     from align.models.tiny import build_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +231,7 @@ def main() -> None:
             report["preprocess"] = bench_preprocessing(args.rows, build_tiny(work / "tok-model", "tiny"), work)
             print(json.dumps(report["preprocess"], indent=1), flush=True)
         if args.skip != "train":
-            report["train"] = bench_training(args.train_rows, args.size, work)
+            report["train"] = bench_training(args, work)
             print(json.dumps(report["train"], indent=1), flush=True)
 
 

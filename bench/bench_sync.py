@@ -81,7 +81,7 @@ def grpo(model_dir: Path, rollout: dict, args) -> list[dict]:
 def summary(rows: list[dict]) -> dict[str, float]:
     """Medians over the steps after the first (which pays warm-ups)."""
     steady = rows[1:] or rows
-    phases = sorted({k for r in rows for k in r if k.startswith("time/")})
+    phases = sorted({k for r in rows for k in r if k.startswith("time/") and k.count("/") == 1})
     return {"sync": statistics.median(r["time/sync"] for r in steady),
             "rollout": statistics.median(r["time/rollout"] for r in steady),
             "step": statistics.median(sum(r[p] for p in phases) for r in steady),

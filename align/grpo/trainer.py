@@ -153,10 +153,11 @@ class GRPOTrainer(StageTrainer):
                 with router_stats(self.policy, self.moe.is_moe and it == 0) as stats:
                     for j, sl in enumerate(chunks):
                         self._train_chunk(tensors, sl, advantages, old_logp, ref_logp, routes, n_tokens, t_len,
-                                          len(chunks), metrics, last=j == len(chunks) - 1)
+                                          len(chunks), metrics, timer, last=j == len(chunks) - 1)
                 metrics.update(stats.metrics())
-                metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
-                                                      self.guard, step)
+                with timer("update/optimizer"):
+                    metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
+                                                          self.guard, step)
         metrics.update(self.moe.end_step(metrics, acc))
         with timer("sync"):  # a colocated HF engine generates with the policy itself: nothing to copy
             self._sync_engine(self.ahead or self.engine)
@@ -171,22 +172,25 @@ class GRPOTrainer(StageTrainer):
         return metrics
 
     def _train_chunk(self, tensors, sl: slice, advantages, old_logp, ref_logp, routes, n_tokens: int, t_len: int,
-                     n_chunks: int, metrics: dict[str, float], last: bool) -> None:
+                     n_chunks: int, metrics: dict[str, float], timer: PhaseTimer, last: bool) -> None:
         """Forward + backward of one micro-batch (routes replayed or measured, backward inside the
-        replay so recomputed passes route the same way); gradients all-reduce on the last one only."""
+        replay so recomputed passes route the same way); gradients all-reduce on the last one only.
+        Timed into `time/update/forward` and `time/update/backward` (parts of `time/update`)."""
         stage = self.stage
         with maybe_no_sync(self.acc, self.model, sync=last), \
                 self.moe.micro_pass(self.policy, None if routes is None else routes[sl]) as moe:
-            logp, entropy = completion_logprobs(self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
-                                                completion_length=t_len, temperature=self._temp(),
-                                                fp32_lm_head=stage.fp32_lm_head)
-            loss, m = policy_loss(  # rollout logprobs always: the train-rollout mismatch is logged every step
-                logp, None if old_logp is None else old_logp[sl], advantages[sl].to(self.acc.device),
-                tensors["completion_mask"][sl], ref_logp=None if ref_logp is None else ref_logp[sl],
-                rollout_logp=tensors["rollout_logp"][sl], entropy=entropy, num_items_in_batch=n_tokens,
-                num_micro_batches=n_chunks, world_size=self.acc.num_processes, **self.loss_options)
-            loss = loss + moe.loss(n_chunks)
-            backward(self.acc, loss)
+            with timer("update/forward"):
+                logp, entropy = completion_logprobs(self.model, tensors["input_ids"][sl], tensors["attention_mask"][sl],
+                                                    completion_length=t_len, temperature=self._temp(),
+                                                    fp32_lm_head=stage.fp32_lm_head)
+                loss, m = policy_loss(  # rollout logprobs always: the train-rollout mismatch is logged every step
+                    logp, None if old_logp is None else old_logp[sl], advantages[sl].to(self.acc.device),
+                    tensors["completion_mask"][sl], ref_logp=None if ref_logp is None else ref_logp[sl],
+                    rollout_logp=tensors["rollout_logp"][sl], entropy=entropy, num_items_in_batch=n_tokens,
+                    num_micro_batches=n_chunks, world_size=self.acc.num_processes, **self.loss_options)
+                loss = loss + moe.loss(n_chunks)
+            with timer("update/backward"):
+                backward(self.acc, loss)
         metrics["loss"] += float(loss.detach()) / stage.num_iterations
         merge_micro_metrics(metrics, {**m, **moe.metrics()}, n_chunks * stage.num_iterations)
 
