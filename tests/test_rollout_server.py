@@ -20,6 +20,7 @@ from align.moe import SENTINEL, moe_gates, routes_to_batch
 from align.pipeline import run_pipeline
 from align.recipe.load import load_recipe
 from align.weights import checkpoint_weights
+from helpers.sync import check_catches_a_skipped_and_a_corrupted_sync, completions, perturb
 from rollout.base import Sample, SamplingParams
 from rollout.client import RemoteEngines
 from rollout.hf import HFEngine
@@ -58,16 +59,6 @@ def test_split_runs_keeps_whole_prompts_and_covers_the_batch():
     assert split_runs(5, 2) == [(0, 3), (3, 5)]
     assert split_runs(1, 3) == [(0, 1)]
     assert split_runs(6, 3) == [(0, 2), (2, 4), (4, 6)]
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.2) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-
-
-def completions(groups) -> list[list[list[int]]]:
-    return [[s.completion_ids for s in g] for g in groups]
 
 
 def test_health_reports_model_engine_and_version(workers, model_dir):
@@ -131,17 +122,7 @@ def test_update_weights_reaches_both_workers_over_gloo(workers, local, prompts, 
 def test_sync_check_catches_a_skipped_and_a_corrupted_sync(workers, local, model_dir):
     urls = [url for _, url in workers]
     client = RemoteEngines(urls, model_dir)
-    client.update_weights(local.model.state_dict().items())  # in sync: passes
-    perturb(local.model, 0.05)
-    new = list(local.model.state_dict().items())
-    with pytest.raises(SyncCheckError, match=rf"{urls[0]} does not serve the weights.*differ by"):
-        client.check_sync(new)  # the trainer moved on, the workers did not get the weights
-    name = "model.layers.1.mlp.down_proj.weight"
-    corrupted = [(n, t.flip(0) if n == name else t) for n, t in new]  # one tensor's rows swapped in transit
-    client.push(corrupted)
-    with pytest.raises(SyncCheckError, match="tolerance 0.001 for float32"):
-        client.check_sync(new)
-    client.update_weights(new)  # a good sync clears it
+    new = check_catches_a_skipped_and_a_corrupted_sync(client, local.model, urls[0])
     # another trainer pushed to one worker since: its version is not this trainer's
     RemoteEngines(urls[1:], model_dir).update_weights(new)
     with pytest.raises(SyncCheckError, match=rf"{urls[1]} reports weight version 1, the trainer pushed version 3"):

