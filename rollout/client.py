@@ -22,7 +22,6 @@ fills; a worker whose engine cannot record them refuses, and that refusal is an 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
@@ -93,12 +92,6 @@ class RemoteEngines(WorkerPool):
         group = self._start(url, layout)
         send_while(group, ([t for _, t in g] for g in groups), lambda: self._post(url, "/update_weights"))
         self._post(url, "/finish_weight_update", json={"weight_version": version})
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Sync every live worker (dead ones that came back included), then check each serves them."""
-        pairs = [(name, tensor.detach()) for name, tensor in named_tensors]
-        self.push(pairs)
-        self.check_sync(pairs)
 
     def push(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         """The sync without its check: every live worker gets `pairs` as the next weight version."""

@@ -28,6 +28,7 @@ import torch
 from align.errors import AlignError
 from align.weights import live_weights
 from rollout.base import Sample, SamplingParams
+from rollout.sync_check import token_logprobs
 
 
 def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -208,8 +209,7 @@ class HFEngine:
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token t | tokens < t) for t = 1 .. len-1, as the sync check's reference computes them."""
         ids = torch.tensor([token_ids], device=self.model.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1]
-        return torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().tolist()
+        return token_logprobs(self.model(input_ids=ids, use_cache=False).logits[0], ids[0])
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], n: int,

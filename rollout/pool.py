@@ -18,11 +18,12 @@ of the sync check's probe (rollout.sync_check).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import httpx
+import torch
 
 from align.errors import AlignError
 from rollout.base import Sample
@@ -109,6 +110,13 @@ class WorkerPool:
             return [item for result in results for item in result]
 
         return asyncio.run(runs())
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Sync every live worker (dead ones that came back included), then check each serves them;
+        each client defines `push(pairs)` (its transfer) and `check_sync(pairs)` (its probe)."""
+        pairs = [(name, tensor.detach()) for name, tensor in named_tensors]
+        self.push(pairs)
+        self.check_sync(pairs)
 
     def revive(self, connect: Callable[[str], object]) -> None:
         """Dead workers that answer /health again (restarted, or back on the network) are live

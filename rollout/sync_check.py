@@ -52,6 +52,13 @@ def tolerance(dtype: str) -> float:
     return TOLERANCE[name]
 
 
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """log p(ids[t] | ids[<t]) for t = 1 .. len-1 from one sequence's [len, vocab] logits, in
+    float32: the one computation both sides of the sync check (ProbeReference, and align's HF
+    worker) score the probe with."""
+    return torch.log_softmax(logits[:-1].float(), -1).gather(-1, ids[1:, None])[:, 0].cpu().tolist()
+
+
 class ProbeReference:
     """The probe's log-probabilities under pushed (name, tensor) pairs, for the architecture in
     `model_dir`, without allocating the model: only the pushed tensors are used."""
@@ -81,8 +88,7 @@ class ProbeReference:
         device = next(iter(params.values())).device
         state = {name: buffer.to(device) for name, buffer in self.skeleton.named_buffers()} | params
         ids = torch.tensor([self.tokens], device=device)
-        logits = functional_call(self.skeleton, state, (ids,), tie_weights=True).logits[0, :-1]
-        return torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().tolist()
+        return token_logprobs(functional_call(self.skeleton, state, (ids,), tie_weights=True).logits[0], ids[0])
 
 
 def compare(engine: str, got: list[float], want: list[float], dtype: str, version: int | str) -> float:

@@ -27,7 +27,6 @@ and receives this sync's weights before it serves again. align's own HF workers
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -156,12 +155,6 @@ class VLLMServers(WorkerPool):
         server.version = version
 
     # ------------------------------------------------------------------ RolloutEngine
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Sync every live server (dead ones that came back included), then check each serves them."""
-        pairs = [(name, tensor.detach()) for name, tensor in named_tensors]
-        self.push(pairs)
-        self.check_sync(pairs)
 
     def push(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         """The sync without its check: every live server gets `pairs` as the next weight version."""

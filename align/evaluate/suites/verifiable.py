@@ -18,7 +18,7 @@ from pathlib import Path
 from align.errors import AlignError
 from align.evaluate import defaults
 from align.evaluate.checkpoints import Checkpoint
-from align.evaluate.context import EvalContext, EvalOptions
+from align.evaluate.context import EvalContext, EvalOptions, nanmean
 from align.evaluate.passk import mean_pass_at_k
 from rewards.config import RewardSpec
 
@@ -45,9 +45,8 @@ class VerifiableSuite:
     def run(self, ckpt: Checkpoint, ctx: EvalContext) -> dict[str, float]:
         prompts = ctx.prompts(ckpt, self.source, self.options.limit)
         greedy, components = self._verdicts(ckpt, ctx, prompts, 1, self.options.greedy(), self.extras)
-        metrics = {"greedy_accuracy": _mean([v[0] for v in greedy])}
-        metrics.update({spec.key: _mean([v for v in components[spec.key] if v is not None])
-                        for spec in self.extras})
+        metrics = {"greedy_accuracy": nanmean([v[0] for v in greedy])}
+        metrics.update({spec.key: nanmean(components[spec.key]) for spec in self.extras})
         if self.options.k:
             groups, _ = self._verdicts(ckpt, ctx, prompts, self.options.n_samples, self.options.sampled())
             metrics.update({f"pass@{k}": mean_pass_at_k(groups, k) for k in self.options.k})
@@ -63,10 +62,6 @@ class VerifiableSuite:
         per_prompt = [values[i * n:(i + 1) * n] for i in range(len(prompts))]
         return [[v is not None and v >= 1.0 for v in vals] for vals in per_prompt
                 if not all(v is None for v in vals)], components
-
-
-def _mean(values: list) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 class MathSuite(VerifiableSuite):
