@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import pytest
@@ -23,7 +21,7 @@ from align.data.synth import generate
 from align.errors import AlignError
 from align.pipeline import run_pipeline
 from align.recipe.load import load_recipe
-from helpers.sync import check_catches_a_skipped_and_a_corrupted_sync, completions, perturb
+from helpers.sync import check_catches_a_skipped_and_a_corrupted_sync, completions, kill_when_synced, perturb
 from helpers.workers import chat_ids, free_port, wait_healthy
 from rollout.base import SamplingParams
 from rollout.hf import HFEngine
@@ -179,28 +177,10 @@ def grpo_recipe(tmp_path, model_dir, urls: list[str], max_steps: int):
     return load_recipe(path)
 
 
-def kill_when_synced(servers: Servers, url: str, version: str) -> threading.Thread:
-    """Kill `url` as soon as it reports `version`: mid-run, between one step's sync and the next."""
-    def watch() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/weight_info", timeout=2).json()["weight_version"] == version:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        servers.kill(url)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.slow
 def test_grpo_on_two_vllm_servers_loses_no_step_when_one_is_killed(tmp_path, servers, model_dir):
     survivor, victim = servers.urls
-    watcher = kill_when_synced(servers, victim, "1")
+    watcher = kill_when_synced(lambda: servers.kill(victim), victim + "/weight_info", "1")
     results = run_pipeline(grpo_recipe(tmp_path, model_dir, servers.urls, max_steps=3))
     watcher.join(timeout=60)
     rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]

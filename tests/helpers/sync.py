@@ -4,6 +4,11 @@ one standard."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
 import pytest
 import torch
 
@@ -36,3 +41,22 @@ def check_catches_a_skipped_and_a_corrupted_sync(client, model: torch.nn.Module,
         client.check_sync(new)
     client.update_weights(new)  # a good sync clears it
     return new
+
+
+def kill_when_synced(kill: Callable[[], object], version_url: str, version) -> threading.Thread:
+    """Call `kill()` once GET `version_url` reports `weight_version == version`: mid-run, between
+    one step's sync and the next rollout."""
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(version_url, timeout=2).json()["weight_version"] == version:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
