@@ -23,6 +23,7 @@ from rewards.config import RewardSpec
 # name -> "module:attribute", imported on first use so `align rewards list` stays fast.
 BUILTINS: dict[str, str] = {
     "math_accuracy": "rewards.accuracy:MathAccuracy",
+    "math_steps": "rewards.steps:MathSteps",
     "format": "rewards.rules:Format",
     "length": "rewards.rules:Length",
     "repetition": "rewards.rules:Repetition",

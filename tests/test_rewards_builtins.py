@@ -8,8 +8,9 @@ import pytest
 from align.errors import AlignError
 from rewards.accuracy import MathAccuracy
 from rewards.rules import Format, Length, Repetition, Rules
+from rewards.steps import MathSteps
 
-MODULES = ["rewards.contract", "rewards.accuracy", "rewards.rules", "rewards.code"]
+MODULES = ["rewards.contract", "rewards.accuracy", "rewards.steps", "rewards.rules", "rewards.code"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -23,6 +24,17 @@ def test_math_accuracy_forms():
                    [{"role": "assistant", "content": "The answer is 1,000."}]]
     answers = ["42", r"\frac{1}{2}", "0.5", "42", "1000"]
     assert MathAccuracy()(prompts=[""] * 5, completions=completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_math_steps_catches_the_lucky_samples_of_the_moe_sft_checkpoint():
+    """Samples the MoE quickstart's SFT checkpoint wrote at T = 1 that math_accuracy scores 1.0;
+    only the first shows its work truly."""
+    completions = ["4 * 5 = 20. 20 - 14 = 6. The answer is 6.", "4 * 5 = 25. 14 - 14 = 6. The answer is 6.",
+                   "2 * 4 = 12. 12 + 4 = 16. The answer is 16.", "25 - 7 = 14. The answer is 14.",
+                   "19 - 7 = 13. The answer is 14.", "The answer is 14.", "12 / 4 = 3. 3 × 7 = 21. The answer is 21.",
+                   "1.5 + 2.5 = 4. The answer is 4.0.", "7 / 0 = 0. The answer is 0."]
+    assert MathSteps()(prompts=[""] * 9, completions=completions) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert MathSteps(require_work=False)(prompts=[""], completions=["The answer is 14."]) == [1.0]
 
 
 def test_math_accuracy_is_not_fooled_by_restating_the_question():
