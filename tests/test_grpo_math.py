@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from align.errors import AlignError
-from align.grpo.advantages import ADVANTAGES
+from align.grpo.advantages import ADVANTAGES, weight_negatives
 from align.grpo.batch import build_batch
 from align.grpo.kl import KL_ESTIMATORS, kl_penalized_rewards
 from align.grpo.logprobs import completion_logprobs, lm_head_in_fp32, token_logprobs
@@ -47,6 +47,15 @@ def test_batch_and_none_advantages_by_hand():
     # none (Dr. GRPO): r - group mean, no division
     adv, _ = ADVANTAGES.get("none")(REWARDS, group_size=4)
     torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_negative_advantages_weighted_by_hand():
+    # group 1's A = ±0.865875 (above); λ = 0.1 leaves the positives and scales the negatives to ∓0.0865875
+    adv, _ = ADVANTAGES.get("group")(REWARDS, group_size=4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(weight_negatives(adv, 0.1), torch.tensor([a, -0.1 * a, -0.1 * a, a, 0, 0, 0, 0]))
+    torch.testing.assert_close(weight_negatives(adv, 0.0), torch.tensor([a, 0, 0, a, 0, 0, 0, 0]))
+    assert weight_negatives(adv, 1.0) is adv  # plain GRPO: untouched
 
 
 def test_nan_reward_is_excluded_and_gets_zero_advantage():

@@ -26,6 +26,9 @@ round-off in the mean can make nonzero. Such groups carry no learning signal;
 `advantage/zero_std_frac` reports their share, the signal-starvation metric DAPO's dynamic sampling
 watches.
 
+`weight_negatives` then scales the negative advantages by λ (W-REINFORCE, Zhu et al. 2025,
+arXiv:2506.01347): λ = 1 is plain GRPO, λ = 0 reinforces only the better-than-average samples.
+
 Every function shares one signature: `fn(rewards, *, group_size, eps) -> (advantages, metrics)`.
 """
 
@@ -119,3 +122,16 @@ def unscaled(rewards: torch.Tensor, *, group_size: int,
              eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dr. GRPO: A = r - group mean (eps unused, kept for the shared signature). Shapes as `group_scaled`."""
     return _advantages(rewards, group_size=group_size, eps=eps, spread=None)
+
+
+def weight_negatives(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """A_i ← λ·A_i where A_i < 0 (W-REINFORCE, Zhu et al. 2025, arXiv:2506.01347; they use λ = 0.1).
+
+    Why: pushing a sampled wrong token down spreads its probability over every other token, and in a
+    small model that shares one representation across many facts it unlearns answers it had right
+    (docs/grpo.md, "Negative samples"). λ < 1 keeps the push-down, smaller; λ = 0 keeps only the pull-up.
+
+    >>> weight_negatives(torch.tensor([1.5, -0.5, -1.0, 0.0]), 0.1).tolist()
+    [1.5, -0.05000000074505806, -0.10000000149011612, 0.0]
+    """
+    return advantages if weight == 1.0 else torch.where(advantages < 0, advantages * weight, advantages)

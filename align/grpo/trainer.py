@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices, step_seed
-from align.grpo.advantages import ADVANTAGES
+from align.grpo.advantages import ADVANTAGES, weight_negatives
 from align.grpo.async_rollout import RolloutQueue
 from align.grpo.batch import build_batch, micro_batch_size
 from align.grpo.dynamic_sampling import Rollout, fill_batch
@@ -141,6 +141,7 @@ class GRPOTrainer(StageTrainer):
                                                              estimator=stage.kl_estimator)
                 shaped = acc.gather(penalised).cpu()
             adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(shaped, group_size=stage.group_size)
+            adv_all = weight_negatives(adv_all, stage.negative_advantage_weight)
             advantages = adv_all[acc.process_index * len(local):(acc.process_index + 1) * len(local)]
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):

@@ -359,6 +359,10 @@ class GRPOStage(StageBase):
         "Advantage A = (r − group mean) / scale: `group` = the group's std (DeepSeekMath, TRL default); "
         "`batch` = the std over the whole step's rewards (Lite PPO); `none` = no division (Dr. GRPO: std "
         "scaling over-weights too easy and too hard questions). A group whose rewards are all equal gets A = 0."))
+    negative_advantage_weight: float = Field(1.0, ge=0, le=1, description=(
+        "λ: negative advantages are multiplied by λ after scaling (W-REINFORCE, Zhu et al. 2025: λ = 0.1; "
+        "1 = plain GRPO, 0 = reinforce only better-than-average samples). Below 1 when pushing wrong "
+        "samples down unlearns what the model had right (docs/grpo.md)."))
     # loss variants (docs/grpo.md has each formula, when to use it and its source's defaults)
     policy_objective: Literal["clip", "cispo"] = Field(
         "clip", description="Per-token policy term: `clip` = PPO/GRPO clipped ratio·A (DeepSeekMath); "
