@@ -32,7 +32,7 @@ def samples(tmp_path):
 def test_list_shows_builtins():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    assert all(name in result.output for name in ("math_accuracy", "format", "length", "repetition", "rules", "code_tests"))
+    assert all(name in result.output for name in ("math_accuracy", "math_steps", "format", "length", "repetition", "rules", "code_tests"))
 
 
 def test_json_output_with_weights(samples):
