@@ -280,6 +280,7 @@ def test_a_worker_holding_an_earlier_runs_weights_serves_the_trainers_from_the_f
     rollouts (the greedy evaluation before step 1, then step 1's samples) come from the trainer's
     starting weights, labelled version 0."""
     from align.data.prompts import load_prompts
+    from align.recipe.schema import DataSource
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(generate("math", 4, seed=4, form="prompts"), prompts)
@@ -299,7 +300,7 @@ def test_a_worker_holding_an_earlier_runs_weights_serves_the_trainers_from_the_f
                                     "logging": {"report_to": ["none"]}, "stages": [stage]}))
         run_pipeline(load_recipe(path))
     local = HFEngine.from_pretrained(model_dir)
-    ids = load_prompts([prompts], local.tokenizer, 512).ids
+    ids = load_prompts([DataSource(path=str(prompts))], local.tokenizer, 512).ids
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
     served = [json.loads(line)["ids"] for line in record.read_text().splitlines()]
     assert served[0] == [g[0] for g in completions(local.generate(ids, 1, greedy))]  # the evaluation before step 1
@@ -315,6 +316,7 @@ def test_an_fsdp2_trainer_on_two_ranks_syncs_a_worker_from_its_shards(tmp_path, 
     """FSDP2 on two gloo ranks: rank 0 gathers the full weights from both ranks' shards and
     pushes them over gloo; afterwards the worker's greedy tokens are the trained policy's."""
     from align.data.prompts import load_prompts
+    from align.recipe.schema import DataSource
     from helpers.launch import train
 
     prompts = tmp_path / "prompts.jsonl"
@@ -333,7 +335,7 @@ def test_an_fsdp2_trainer_on_two_ranks_syncs_a_worker_from_its_shards(tmp_path, 
         assert done.returncode == 0, done.stderr[-4000:]
         final = tmp_path / "run/rl/final"
         trained = HFEngine.from_pretrained(final)
-        ids = load_prompts([prompts], trained.tokenizer, 512).ids[:4]
+        ids = load_prompts([DataSource(path=str(prompts))], trained.tokenizer, 512).ids[:4]
         served = RemoteEngines([url], final).generate(ids, 1, GREEDY)
         version = httpx.get(url + "/health").json()["weight_version"]
     base = HFEngine.from_pretrained(model_dir)
