@@ -314,7 +314,8 @@ def test_a_worker_holding_an_earlier_runs_weights_serves_the_trainers_from_the_f
 @pytest.mark.slow
 def test_an_fsdp2_trainer_on_two_ranks_syncs_a_worker_from_its_shards(tmp_path, model_dir):
     """FSDP2 on two gloo ranks: rank 0 gathers the full weights from both ranks' shards and
-    pushes them over gloo; afterwards the worker's greedy tokens are the trained policy's."""
+    pushes them over gloo; afterwards the worker's greedy tokens and their logprobs are the
+    trained policy's."""
     from align.data.prompts import load_prompts
     from align.recipe.schema import DataSource
     from helpers.launch import train
@@ -338,9 +339,12 @@ def test_an_fsdp2_trainer_on_two_ranks_syncs_a_worker_from_its_shards(tmp_path, 
         ids = load_prompts([DataSource(path=str(prompts))], trained.tokenizer, 512).ids[:4]
         served = RemoteEngines([url], final).generate(ids, 1, GREEDY)
         version = httpx.get(url + "/health").json()["weight_version"]
-    base = HFEngine.from_pretrained(model_dir)
-    assert completions(served) == completions(trained.generate(ids, 1, GREEDY)) != completions(
-        base.generate(ids, 1, GREEDY))
+    want = trained.generate(ids, 1, GREEDY)
+    assert completions(served) == completions(want)
+    logprobs = [lp for g in served for s in g for lp in s.logprobs]
+    assert logprobs == pytest.approx([lp for g in want for s in g for lp in s.logprobs], abs=1e-5)
+    base = [lp for g in HFEngine.from_pretrained(model_dir).generate(ids, 1, GREEDY) for s in g for lp in s.logprobs]
+    assert logprobs != pytest.approx(base, abs=1e-3)  # training moved them: the push is what they show
     rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
     assert version == 2 and all(r["rollout/sync_check_gap"] < 1e-5 for r in rows if "loss" in r)
 
