@@ -2,7 +2,8 @@
 `external_launcher` inside the trainer's process group, generating that rank's prompts and
 loading that rank's weights at every sync (DDP: its own copy; FSDP2: gathered from the shards onto
 every rank). After the last sync each rank's engine gives the trainer's greedy tokens, and the
-weights equal one process's at the same global batch (per-sample seeds by global position).
+weights equal one process's at the same global batch (per-sample seeds by global position); lr
+1e-2 makes a stale engine on one rank visible (a rank-0-only sync: 8.7e-3 instead of ~2e-6).
 What is still refused (tensor parallelism inside a rank's engine) is refused before vLLM starts."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _recipe(tmp: Path, model: Path, prompts: Path, name: str, world: int, strate
     stage = {"name": "rl", "kind": "grpo", "prompts": str(prompts), "eval_prompts": str(prompts),
              "eval_max_prompts": EVAL_PROMPTS, "rewards": [{"name": REWARD}], "group_size": 4,
              "prompts_per_step": 4, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-             "max_steps": 2, "lr": 1e-4, "beta": 0.0, "sampling": {"max_new_tokens": 8}, "save_steps": None,
+             "max_steps": 2, "lr": 1e-2, "beta": 0.0, "sampling": {"max_new_tokens": 8}, "save_steps": None,
              "rollout": {"engine": "vllm", "mode": "colocate", "dtype": "float32", "kv_cache_gb": 0.25,
                          "enforce_eager": True}}  # no torch.compile: minutes less at start on 2 cores
     path = tmp / f"{name}.json"
