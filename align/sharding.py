@@ -150,11 +150,11 @@ def clip_grad_norm(model: nn.Module, max_grad_norm: float | None) -> float:
 # --------------------------------------------------------------------------- gathering
 
 
-def gather_to_rank0(value: torch.Tensor, every_rank: bool = False) -> torch.Tensor | None:
+def gather_full(value: torch.Tensor, every_rank: bool = False) -> torch.Tensor | None:
     """The full tensor of a DTensor on rank 0 (None elsewhere), gathered from the dim-0 shards with
     `dist.gather`: no rank other than 0 ever holds more than its own shard. Plain tensors
-    (replicated) are returned as they are on rank 0. `every_rank`: on every rank (`all_gather`),
-    for engines that each rank holds (colocated vLLM on several ranks)."""
+    (replicated) are returned as they are on rank 0. `every_rank`: on every rank instead
+    (`all_gather`), for engines that each rank holds (colocated vLLM on several ranks)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if not isinstance(value, DTensor):
@@ -292,7 +292,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES, e
         for key in keys:
             ident = id(state[key])
             if ident not in gathered:
-                gathered[ident] = gather_to_rank0(state[key], every_rank)
+                gathered[ident] = gather_full(state[key], every_rank)
             full[key] = gathered[ident]
             uses[ident] -= 1
             if not uses[ident]:
