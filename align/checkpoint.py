@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from align.errors import AlignError
-from align.sharding import DEFAULT_GROUP_BYTES, gather_to_rank0, gathered_weights, hf_name, is_sharded
+from align.sharding import DEFAULT_GROUP_BYTES, gather_full, gathered_weights, hf_name, is_sharded
 
 LATEST = "latest"
 PREFIX = "checkpoint-"
@@ -427,7 +427,7 @@ def save_gathered(out: Path, model: torch.nn.Module, tokenizer, *, merge_lora: b
     With `merge_lora=False` a peft model is saved as its adapter only."""
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if not merge_lora and hasattr(model, "peft_config"):
-        adapter = {k: gather_to_rank0(v) for k, v in model.state_dict().items() if "lora_" in k
+        adapter = {k: gather_full(v) for k, v in model.state_dict().items() if "lora_" in k
                    or "modules_to_save" in k}
         if is_main:
             model.save_pretrained(out, state_dict={k: v.cpu() for k, v in adapter.items()})

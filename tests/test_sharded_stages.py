@@ -13,9 +13,6 @@ ranks, so rank 1 runs stand-in generate calls. DPO's frozen reference is sharded
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from safetensors.torch import load_file
 
 from align.data.io import write_jsonl
 from align.data.synth import generate
+from helpers.launch import train as _train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +46,6 @@ def _recipe(path: Path, model: Path, data: Path, kind: str, world: int, strategy
                                 "logging": {"report_to": ["none"]}, "distributed": {"strategy": strategy},
                                 "stages": [body]}))
     return path
-
-
-def _train(recipe: Path, world: int) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-              if world > 1 else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([*launch, "-m", "align", "train", str(recipe)], cwd=recipe.parent, env=env,
-                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """GRPO under FSDP2 (`distributed.strategy: fsdp2`): the two places where ranks must act together.
 
-- `sync_engine`: new weights into a rollout engine that does not share the policy's tensors (a
-  server pool; colocated vLLM refuses several ranks). The servers are shared, so rank 0 alone
-  pushes (one transfer group per server, rank 0 its sender) and the other ranks take its weight
-  version. A sharded policy's full weights exist on no rank, so they are gathered from the
-  shards onto rank 0 group by group (`gathered_weights`, `distributed.sync_group_mb` each) and
-  streamed into rank 0's engine as they arrive; the other ranks send their shards.
+- `sync_engine`: new weights into a rollout engine that does not share the policy's tensors. A
+  server pool is shared, so rank 0 alone pushes (one transfer group per server, rank 0 its
+  sender) and the other ranks take its weight version. Colocated vLLM is one engine per rank
+  (`one_per_rank`): every rank loads the full weights into its own. A sharded policy's full
+  weights exist on no rank, so they are gathered from the shards group by group
+  (`gathered_weights`, `distributed.sync_group_mb` each) onto rank 0 (servers) or every rank
+  (colocated vLLM); the other ranks send their shards.
 - `every_rank_done`: dynamic sampling's "enough groups with spread?" agreed over ranks, so every
   rank runs the same number of generation rounds (each round's forwards are collectives).
 The colocated HF engine generates with the sharded policy itself in lock-step (rollout/hf.py).
@@ -30,10 +31,14 @@ def sync_engine(engine, policy: torch.nn.Module, shares_policy: bool, group_mb: 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         engine.update_weights(policy_weights(policy))
         return
+    own = getattr(engine, "one_per_rank", False)  # colocated vLLM: every rank syncs its own engine
     if is_sharded(policy):
-        groups = gathered_weights(policy, group_mb << 20)
+        groups = gathered_weights(policy, group_mb << 20, every_rank=own)
     else:
-        groups = iter([policy_weights(policy)] if dist.get_rank() == 0 else [])
+        groups = iter([policy_weights(policy)] if own or dist.get_rank() == 0 else [])
+    if own:
+        engine.update_weights(pair for group in groups for pair in group)
+        return
     try:
         if dist.get_rank() == 0:
             engine.update_weights(pair for group in groups for pair in group)

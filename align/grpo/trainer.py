@@ -15,7 +15,8 @@ One step, each phase timed into the metrics (`time/<phase>`):
                   `per_device_batch_size`; loss = clipped ratio·A + beta·KL (`loss_options`: the
                   recipe's loss keys), normalised over the whole step so micro-batching never changes it.
   6. sync       — new weights into the engine (a no-op for the colocated HF engine, which shares
-                  the policy's tensors; vLLM reloads in place).
+                  the policy's tensors; vLLM reloads in place). Before the first rollout of a
+                  run the engine gets the trainer's weights the same way (`_start_engine_at`).
 Departures from the paper (beta = 0 loads no reference, DAPO / Dr. GRPO options): docs/grpo.md.
 """
 
@@ -74,6 +75,8 @@ class GRPOTrainer(StageTrainer):
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
             record_routes=self.moe.record_routes(stage.rollout))
+        if ctx.resume_from is None and not (self.shares_policy or stage.max_staleness):
+            self._start_engine_at(0)  # a resumed run does it once the checkpoint's weights are in
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
         self.ahead = RolloutQueue.for_trainer(self) if stage.max_staleness else None  # docs/grpo.md
@@ -237,12 +240,18 @@ class GRPOTrainer(StageTrainer):
     def _sync_engine(self, target) -> None:  # gathered from the shards under fsdp2 (align/grpo/sharded.py)
         sync_engine(target, self.policy, self.shares_policy, self.ctx.recipe.distributed.sync_group_mb, self.acc.device)
 
+    def _start_engine_at(self, version: int) -> None:
+        """Push the trainer's weights, labelled `version`, before the engine serves this run: a
+        rollout server may still hold an earlier run's weights (or another checkpoint's), which
+        would otherwise make step 1's samples. With the label the engines report the trainer's
+        count (sync check) and the next rollout's samples are not counted stale. The overlapped
+        queue does the same at its first step (align/grpo/async_rollout.py)."""
+        self.engine.weight_version = version - 1
+        self._sync_engine(self.engine)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:  # after the checkpoint's weights are in
         if not (self.shares_policy or self.stage.max_staleness):  # a queue ahead resyncs itself
-            # labelled with the checkpoint's version: the engines then report the trainer's count
-            # (sync check) and the next rollout's samples are not counted stale
-            self.engine.weight_version = state["weight_version"] - 1
-            self._sync_engine(self.engine)
+            self._start_engine_at(state["weight_version"])
         self.rewards.load_state_dict(state["rewards"])
         self.engine.weight_version, self.tokens = state["weight_version"], state["tokens"]
         self.moe.load_state_dict(state["moe"])
