@@ -173,7 +173,8 @@ def test_readme_quickstart_command_resolves():
 
 
 def test_moe_quickstart_is_the_quickstart_on_deepseek_v2():
-    """quickstart_moe.yaml differs from quickstart.yaml only in name, paths, architecture and replay."""
+    """quickstart_moe.yaml differs from quickstart.yaml only in name, paths, architecture, replay and
+    SFT epochs (6 against 3: the MoE model is under-trained at 3, docs/benchmarks.md)."""
     dense = load_recipe(ROOT / "recipes" / "quickstart.yaml", check_files=False).model_dump(mode="json")
     moe = load_recipe(ROOT / "recipes" / "quickstart_moe.yaml", check_files=False).model_dump(mode="json")
     moe_text = json.dumps(moe).replace("runs/quickstart-moe", "runs/quickstart")
@@ -183,6 +184,8 @@ def test_moe_quickstart_is_the_quickstart_on_deepseek_v2():
         if stage["kind"] == "grpo":
             assert stage["routing_replay"] is True
             stage["routing_replay"] = False
+    assert (moe["stages"][0]["epochs"], dense["stages"][0]["epochs"]) == (6, 3)
+    moe["stages"][0]["epochs"] = 3
     moe["name"] = dense["name"]
     assert moe == dense
 
