@@ -36,15 +36,14 @@ def sync_engine(engine, policy: torch.nn.Module, shares_policy: bool, group_mb: 
         groups = gathered_weights(policy, group_mb << 20, every_rank=own)
     else:
         groups = iter([policy_weights(policy)] if own or dist.get_rank() == 0 else [])
-    if own:
-        engine.update_weights(pair for group in groups for pair in group)
-        return
     try:
-        if dist.get_rank() == 0:
+        if own or dist.get_rank() == 0:
             engine.update_weights(pair for group in groups for pair in group)
-    finally:  # the other ranks send their shards; rank 0 drains what a failed push left
+    finally:  # the gather is a collective: a failed push still drains it, or the other ranks hang
         for _ in groups:
             pass
+    if own:  # each engine counts its own versions
+        return
     version = torch.tensor([engine.weight_version], dtype=torch.long, device=device)
     dist.broadcast(version, src=0)
     engine.weight_version = int(version.item())
