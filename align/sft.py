@@ -60,7 +60,9 @@ class SFTData:
     stats: dict = field(default_factory=dict)
 
 
-def _load_sources(sources, tokenizer, stage, cache_root: Path):
+def load_sources(sources, tokenizer, stage, cache_root: Path):
+    """Tokenised (cached) conversations of every source, concatenated; `stage` gives max_seq_len,
+    overlong and assistant_only_loss (an SFT stage or a GRPO stage's `ptx`)."""
     from datasets import concatenate_datasets
 
     parts, stats = [], {}
@@ -78,13 +80,13 @@ def prepare_data(ctx: StageContext, tokenizer, accelerator) -> SFTData:
     stage = ctx.stage
     cache_root = Path(ctx.recipe.output_dir) / "cache" / "sft"
     with accelerator.main_process_first():
-        full, sizes, stats = _load_sources(stage.data, tokenizer, stage, cache_root)
+        full, sizes, stats = load_sources(stage.data, tokenizer, stage, cache_root)
         idx = mixture_indices(sizes, [s.weight for s in stage.data], [s.count for s in stage.data], ctx.seed,
                               names=[s.name or s.path for s in stage.data])
         train_idx, eval_idx = split_eval(idx, 0.0 if stage.eval_data else stage.eval_split)
         train = full.select(train_idx)
         if stage.eval_data:
-            eval_ds, _, eval_stats = _load_sources(stage.eval_data, tokenizer, stage, cache_root)
+            eval_ds, _, eval_stats = load_sources(stage.eval_data, tokenizer, stage, cache_root)
             stats.update({f"eval:{k}": v for k, v in eval_stats.items()})
         else:
             eval_ds = full.select(eval_idx) if len(eval_idx) else None
@@ -171,11 +173,13 @@ def evaluate(model, data: SFTData, stage, accelerator, pad_id: int) -> float | N
 
 
 def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator, pad_id: int,
-                     stats: RouterStats | None = None) -> tuple[float, int, int]:
+                     stats: RouterStats | None = None, scale: float = 1.0) -> tuple[float, int, int]:
     """Gradients of one optimizer step over global batch `rows` ([global_batch], laid out as
     [accumulation, rank, per_device]). Returns (Σ token loss over the global batch, its target
     token count N, this rank's non-padding tokens). Each micro-batch's loss is scaled by
-    world_size / N: DDP averages over ranks, so the gradient is that of the global mean.
+    world_size / N: DDP averages over ranks, so the gradient is that of the global mean (times
+    `scale`: GRPO's ptx term adds γ × this gradient to the RL one, align/grpo/ptx.py). `stage`
+    gives per_device_batch_size, gradient_accumulation_steps, packing and moe_aux_loss_coef.
     `stats` (entered by the caller) records this rank's routing of the real tokens."""
     world, rank, bs = accelerator.num_processes, accelerator.process_index, stage.per_device_batch_size
     accum, coef = stage.gradient_accumulation_steps, stage.moe_aux_loss_coef
@@ -193,7 +197,7 @@ def forward_backward(model, data: SFTData, rows: np.ndarray, stage, accelerator,
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with maybe_no_sync(accelerator, model, sync=a == accum - 1), accelerator.autocast():
             ce, aux = token_loss_sum(model, batch, coef)
-            loss = ce * world / max(n_targets, 1)
+            loss = ce * world / max(n_targets, 1) * scale
             if aux is not None:
                 loss = loss + coef * aux / accum
             backward(accelerator, loss)

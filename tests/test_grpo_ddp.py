@@ -1,8 +1,8 @@
 """GRPO under two DDP ranks (gloo, CPU) equals one process at the same global batch.
 
 Each rank generates whole groups (one prompt per generate call, seeds by global sample position),
-advantages come from the gathered rewards, and the loss is normalised so that DDP's gradient
-average equals the single-process mean: the weights after two steps must agree.
+advantages come from the gathered rewards, and the loss (with its ptx SFT term) is normalised so
+that DDP's gradient average equals the single-process mean: the weights after two steps must agree.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def _recipe(tmp: Path, model: Path, prompts: Path, out: str) -> Path:
                     "rewards": [{"name": f"{FIXTURES}/user_rewards.py:char_diversity"}],
                     "group_size": 4, "prompts_per_step": 4, "per_device_batch_size": 4, "max_steps": 2,
                     "lr": 1e-3, "beta": 0.04, "scale_rewards": "batch", "sampling": {"max_new_tokens": 10},
-                    "rollout": {"engine": "hf", "batch_size": 1}}]}))
+                    "rollout": {"engine": "hf", "batch_size": 1},
+                    # PPO-ptx: each rank takes its share of the conversations, normalised over all of them
+                    "ptx": {"data": str(prompts.parent / "sft.jsonl"), "coef": 0.5, "batch_size": 4,
+                            "max_seq_len": 96}}]}))
     return path
 
 
@@ -42,6 +45,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     model = build_tiny(tmp_path / "base", size="nano")
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(generate("math", 16, seed=4, form="prompts"), prompts)
+    write_jsonl(generate("math", 40, seed=7), tmp_path / "sft.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "align", "train", str(_recipe(tmp_path, model, prompts, "one"))],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

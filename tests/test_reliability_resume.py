@@ -41,7 +41,10 @@ def _grpo_recipe(out: Path, model: Path, data: Path) -> dict:
                                     {"name": "format", "weight": 0.5, "normalize": "running"}],
                         "group_size": 4, "prompts_per_step": 2, "per_device_batch_size": 4,
                         "num_iterations": 2, "max_steps": STEPS, "lr": 1.0e-3, "beta": 0.04,
-                        "sampling": {"max_new_tokens": 12}, "save_steps": 1}]}
+                        "sampling": {"max_new_tokens": 12}, "save_steps": 1,
+                        # the ptx batch of a step is a function of the step: resume takes the same rows
+                        "ptx": {"data": str(data.parent / "math.jsonl"), "coef": 0.1, "batch_size": 4,
+                                "max_seq_len": 96}}]}
 
 
 def _rm_recipe(out: Path, model: Path, data: Path) -> dict:

@@ -35,7 +35,8 @@ STAGES = {
                        "eval_max_prompts": 3, "rewards": [{"name": f"{ROOT}/tests/fixtures/user_rewards.py:char_diversity"}],
                        "group_size": 4, "prompts_per_step": 4, "per_device_batch_size": 4,
                        "gradient_accumulation_steps": 1, "beta": 0.04, "reference": "frozen_copy",
-                       "sampling": {"max_new_tokens": 8}, "rollout": {"engine": "hf", "batch_size": 1}},
+                       "sampling": {"max_new_tokens": 8}, "rollout": {"engine": "hf", "batch_size": 1},
+                       "ptx": {"data": str(d / "math.jsonl"), "coef": 0.5, "batch_size": 4, "max_seq_len": 96}},
 }
 
 

@@ -13,7 +13,8 @@ One step, each phase timed into the metrics (`time/<phase>`):
                   with kl_mode: reward, r − β·Σ KL first.
   5. update     — μ = `num_iterations` optimizer steps over the batch, micro-batched by
                   `per_device_batch_size`; loss = clipped ratio·A + beta·KL (`loss_options`: the
-                  recipe's loss keys), normalised over the whole step so micro-batching never changes it.
+                  recipe's loss keys), normalised over the whole step so micro-batching never changes it;
+                  with `ptx`, + γ·SFT loss on conversations (align/grpo/ptx.py).
   6. sync       — new weights into the engine (a no-op for the colocated HF engine, which shares
                   the policy's tensors; vLLM reloads in place). Before the first rollout of a
                   run the engine gets the trainer's weights the same way (`_start_engine_at`).
@@ -35,6 +36,7 @@ from align.grpo.dynamic_sampling import Rollout, fill_batch
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.kl import kl_penalized_rewards
 from align.grpo.loss import loss_options, policy_loss
+from align.grpo.ptx import PtxTerm
 from align.grpo.metrics import PhaseTimer, completion_metrics, heldout_means, merge_micro_metrics
 from align.loop import StageTrainer, run_stage
 from align.moe import replaying, router_stats, routes_to_batch
@@ -72,6 +74,7 @@ class GRPOTrainer(StageTrainer):
         self.eval_prompts = (load_prompts(stage.eval_prompts, self.tokenizer, stage.max_prompt_len)
                              if stage.eval_prompts else None)
         self.rewards = RewardSet(ctx.reward_specs(), stage.reward_isolation)
+        self.ptx = PtxTerm.for_stage(stage, ctx.seed, recipe.output_dir, self.tokenizer, accelerator, self.micro)
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
             record_routes=self.moe.record_routes(stage.rollout))
@@ -157,8 +160,13 @@ class GRPOTrainer(StageTrainer):
                 with router_stats(self.policy, self.moe.is_moe and it == 0) as stats:
                     for j, sl in enumerate(chunks):
                         self._train_chunk(tensors, sl, advantages, old_logp, ref_logp, routes, n_tokens, t_len,
-                                          len(chunks), metrics, timer, last=j == len(chunks) - 1)
+                                          len(chunks), metrics, timer, last=j == len(chunks) - 1 and self.ptx is None)
                 metrics.update(stats.metrics())
+                if self.ptx is not None:  # + γ·SFT loss, routed live (align/grpo/ptx.py)
+                    with timer("update/ptx"):
+                        ptx_metrics, ptx_tokens = self.ptx.backward(self.model, step)
+                    metrics.update(ptx_metrics)
+                    self.tokens += ptx_tokens
                 with timer("update/optimizer"):
                     metrics["grad_norm"] = optimizer_step(acc, self.model, self.optimizer, self.scheduler, stage,
                                                           self.guard, step)

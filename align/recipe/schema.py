@@ -310,6 +310,27 @@ class DynamicSamplingConfig(Strict):
         "A group is kept when the std of its G rewards is above this (0: any difference at all)."))
 
 
+class PtxConfig(Strict):
+    """PPO-ptx (InstructGPT, Ouyang et al. 2022): an SFT loss on conversations added to every
+    optimizer step of an RL stage, so RL's updates on its prompts do not unlearn what SFT taught
+    elsewhere (the alignment tax). align/grpo/ptx.py; docs/grpo.md "Keeping what SFT taught"."""
+
+    data: Annotated[list[ConversationSource], Field(min_length=1)] = Field(description=(
+        "Conversations (`messages` rows, as SFT's `data`, with weight/count mixtures): usually the SFT "
+        "stage's own data, or the part of it the RL stage must not unlearn."))
+    coef: float = Field(description=(
+        "γ: weight of the SFT loss (mean cross-entropy per target token) added to the RL loss "
+        "(OpenRLHF `ptx_coef`, default 0.05; InstructGPT: 27.8 on pretraining data)."), gt=0)
+    batch_size: int = Field(16, gt=0, description=(
+        "Conversations per optimizer step over all processes (a multiple of their number), micro-batched "
+        "by the stage's per_device_batch_size; the order is a pure function of (seed, step)."))
+    max_seq_len: int = Field(1024, gt=8, description="Tokens per conversation (longer ones: `overlong`).")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="As SFT's `overlong`.")
+    assistant_only_loss: bool = Field(True, description="As SFT's: loss on assistant tokens only.")
+
+    _coerce_data = field_validator("data", mode="before")(_sources)
+
+
 class GRPOStage(StageBase):
     """GRPO (DeepSeekMath): G samples per prompt, group-relative advantages, no critic.
 
@@ -439,6 +460,9 @@ class GRPOStage(StageBase):
         "batch (DAPO); null: off, every group is trained (DeepSeekMath, TRL's default)."))
     reward_isolation: RewardsConfig = Field(RewardsConfig(), description="How many reward-function failures a "
                                                                           "run tolerates before it stops.")
+    ptx: PtxConfig | None = Field(None, description=(
+        "An SFT loss on conversations added to every optimizer step (PPO-ptx, InstructGPT; OpenRLHF "
+        "`--pretrain_data`/`ptx_coef`): {data, coef, batch_size}. null = RL loss only (DeepSeekMath)."))
 
     _coerce_prompts = field_validator("prompts", "eval_prompts", mode="before")(_sources)
 
