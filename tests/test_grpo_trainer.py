@@ -138,6 +138,19 @@ def test_cispo_with_kl_in_the_reward_logs_the_penalty_and_the_mismatch(tmp_path,
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_advantage_metrics_are_of_the_advantages_after_the_negative_weight(tmp_path, inputs):
+    """Step 1 samples the same completions whatever λ: its negative advantages scale by λ, the positive stay."""
+    logged = {}
+    for lam in (1.0, 0.5):
+        (tmp_path / str(lam)).mkdir()
+        run_pipeline(load_recipe(recipe(tmp_path / str(lam), inputs, negative_advantage_weight=lam, max_steps=1,
+                                        save_steps=None, eval_prompts=[])))
+        logged[lam] = steps_logged(tmp_path / str(lam))[0]
+    assert logged[1.0]["advantage/min"] < 0 < logged[1.0]["advantage/max"]
+    assert logged[0.5]["advantage/min"] == pytest.approx(0.5 * logged[1.0]["advantage/min"], rel=1e-6)
+    assert logged[0.5]["advantage/max"] == pytest.approx(logged[1.0]["advantage/max"], rel=1e-6)
+
+
 def test_renamed_and_conflicting_loss_keys_say_what_to_write(tmp_path, inputs):
     with pytest.raises(AlignError, match=r"importance_sampling_cap was replaced by importance_sampling.*"
                                          r"`importance_sampling: \{level: token, mode: truncate, cap: 2.0\}`"):

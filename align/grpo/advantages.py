@@ -85,14 +85,15 @@ def _advantages(rewards: torch.Tensor, *, group_size: int, eps: float,
     lo = grouped.masked_fill(~scored, float("inf")).amin(dim=1, keepdim=True)
     zero_std = hi <= lo  # [B, 1]
     adv = torch.where(zero_std | ~scored, torch.zeros_like(adv), adv)
-    metrics = {
-        "advantage/zero_std_frac": zero_std.float().mean(),
-        "advantage/unscored_frac": (~scored).float().mean(),
-        "advantage/abs_mean": adv.abs().mean(),
-        "advantage/max": adv.max(),
-        "advantage/min": adv.min(),
-    }
+    metrics = {"advantage/zero_std_frac": zero_std.float().mean(),
+               "advantage/unscored_frac": (~scored).float().mean(), **value_metrics(adv)}
     return adv.view(-1), metrics
+
+
+def value_metrics(adv: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`advantage/abs_mean|max|min` of the advantages the loss uses (the trainer recomputes them
+    after `weight_negatives`)."""
+    return {"advantage/abs_mean": adv.abs().mean(), "advantage/max": adv.max(), "advantage/min": adv.min()}
 
 
 @ADVANTAGES.register("group")

@@ -17,7 +17,7 @@ One step, each phase timed into the metrics (`time/<phase>`):
                   with `ptx`, + γ·SFT loss on conversations (align/grpo/ptx.py).
   6. sync       — new weights into the engine (a no-op for the colocated HF engine, which shares
                   the policy's tensors; vLLM reloads in place). Before the first rollout of a
-                  run the engine gets the trainer's weights the same way (`_start_engine_at`).
+                  run a rollout server gets the trainer's weights the same way (`_start_engine_at`).
 Departures from the paper (beta = 0 loads no reference, DAPO / Dr. GRPO options): docs/grpo.md.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from align.data.prompts import PromptSet, as_completions, completion_texts, load_prompts, step_prompt_indices, step_seed
-from align.grpo.advantages import ADVANTAGES, weight_negatives
+from align.grpo.advantages import ADVANTAGES, value_metrics, weight_negatives
 from align.grpo.async_rollout import RolloutQueue
 from align.grpo.batch import build_batch, micro_batch_size
 from align.grpo.dynamic_sampling import Rollout, fill_batch
@@ -78,8 +78,10 @@ class GRPOTrainer(StageTrainer):
         self.engine, self.shares_policy = build_policy_engine(
             stage.rollout, self.policy, ctx.init_model, self.tokenizer, seed=ctx.seed,
             record_routes=self.moe.record_routes(stage.rollout))
-        if ctx.resume_from is None and not (self.shares_policy or stage.max_staleness):
-            self._start_engine_at(0)  # a resumed run does it once the checkpoint's weights are in
+        if ctx.resume_from is None and stage.rollout.mode == "server" and not stage.max_staleness:
+            # a server may hold another run's weights; a colocated engine was just built from init_model
+            # (version 0 already). A resumed run pushes once the checkpoint's weights are in.
+            self._start_engine_at(0)
         self.offload = OffloadGroup.for_rollout(stage, self.policy, self.optimizer, self.ref, accelerator.device,
                                                 self.shares_policy)
         self.ahead = RolloutQueue.for_trainer(self) if stage.max_staleness else None  # docs/grpo.md
@@ -148,6 +150,7 @@ class GRPOTrainer(StageTrainer):
                 shaped = acc.gather(penalised).cpu()
             adv_all, adv_metrics = ADVANTAGES.get(stage.scale_rewards)(shaped, group_size=stage.group_size)
             adv_all = weight_negatives(adv_all, stage.negative_advantage_weight)
+            adv_metrics.update(value_metrics(adv_all))  # of the advantages trained on, after λ
             advantages = adv_all[acc.process_index * len(local):(acc.process_index + 1) * len(local)]
         metrics: dict[str, float] = {"loss": 0.0}
         with timer("update"):
