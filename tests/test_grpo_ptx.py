@@ -101,3 +101,12 @@ def test_ptx_batch_must_split_over_micro_batches_and_fit_the_data(tmp_path, inpu
     with pytest.raises(AlignError, match="per_device_batch_size 4"):
         run(tmp_path / "b", model, grpo(root, per_device_batch_size=4,
                                         ptx={"data": str(root / "sft.jsonl"), "coef": 0.1, "batch_size": 6}))
+
+
+def test_a_missing_ptx_file_is_named_before_anything_runs(tmp_path, inputs):
+    root, model = inputs
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "model": {"path": str(model)},
+                                "stages": [grpo(root, ptx={"data": str(tmp_path / "nope.jsonl"), "coef": 0.1})]}))
+    with pytest.raises(AlignError, match=r"stages\[0\]\.ptx\.data\[0\]\.path: .*nope\.jsonl does not exist"):
+        load_recipe(path)

@@ -221,8 +221,10 @@ def check_recipe_files(recipe: Recipe, recipe_path: Path) -> None:
         missing.append(f"model.path: {recipe.model.path} does not exist "
                        "(point it at a Hugging Face model directory, or add `tiny: {size: tiny}` to build one)")
     for i, stage in enumerate(recipe.stages):
-        for field in ("data", "eval_data", "prompts", "eval_prompts"):
-            for j, src in enumerate(getattr(stage, field, []) or []):
+        ptx = getattr(stage, "ptx", None)
+        sources = [(field, getattr(stage, field, []) or []) for field in ("data", "eval_data", "prompts", "eval_prompts")]
+        for field, srcs in sources + ([("ptx.data", ptx.data)] if ptx is not None else []):
+            for j, src in enumerate(srcs):
                 if str(Path(src.path)) not in produced and not Path(src.path).exists():
                     missing.append(f"stages[{i}].{field}[{j}].path: {src.path} does not exist "
                                    "(generate it with `align data synth` or list it under `synth:`)")
