@@ -276,7 +276,7 @@ def _assistant_text(tok, row) -> str:
 
 def test_sft_loads_sharegpt_and_alpaca_sources(tmp_path, sharegpt, alpaca, tokenizer):
     from align.recipe.load import load_recipe
-    from align.sft import _load_sources
+    from align.sft import load_sources
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""
@@ -292,7 +292,7 @@ stages:
     stage = load_recipe(recipe, check_files=False).stages[0]
     # The SFT loader reads each source with its own settings: the role map keeps line 8, whose two
     # assistant turns (the mapped function_call and the answer) are merged.
-    full, sizes, stats = _load_sources(stage.data, tokenizer, stage, tmp_path / "cache")
+    full, sizes, stats = load_sources(stage.data, tokenizer, stage, tmp_path / "cache")
     assert sizes == [7, 2] and len(full) == 9
     read = stats[str(sharegpt)]["read"]
     assert (read["good"], read["repaired"], read["bad"]) == (7, 4, 3)

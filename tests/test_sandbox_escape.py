@@ -44,6 +44,10 @@ def sibling():
     """A host process of ours, next to the sandbox, that nothing in it may signal, trace or read
     (its environment holds the secret, so /proc/<pid>/environ shows it to anyone allowed)."""
     proc = subprocess.Popen(["sleep", "60"], env={**os.environ, "ALIGN_TEST_SECRET": SECRET})
+    environ, deadline = Path(f"/proc/{proc.pid}/environ"), time.monotonic() + 10
+    while SECRET.encode() not in environ.read_bytes():  # empty until the child's exec is done
+        assert time.monotonic() < deadline, "the sibling never showed its environment"
+        time.sleep(0.01)
     yield proc
     proc.kill()
     proc.wait()
@@ -167,7 +171,6 @@ def _ipv6_loopback() -> bool:
 
 def test_parent_secrets_are_not_visible(sandbox, monkeypatch, sibling):
     monkeypatch.setenv("ALIGN_TEST_SECRET", SECRET)
-    assert SECRET.encode() in Path(f"/proc/{sibling.pid}/environ").read_bytes()  # readable from out here
     code = ("import os\nprint(dict(os.environ))\n"
             f"for pid in {[sibling.pid, os.getpid(), os.getppid()]!r} + [os.getppid()] + os.listdir('/proc'):\n"
             "    try:\n        print(pid, open(f'/proc/{pid}/environ', 'rb').read())\n"
