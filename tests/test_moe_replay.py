@@ -11,6 +11,7 @@ import torch
 from align.errors import AlignError
 from align.grpo.logprobs import completion_logprobs
 from align.grpo.batch import build_batch
+from align.moe.gates import moe_gates
 from align.moe.metrics import route_mismatch
 from align.moe.replay import (SENTINEL, RouteRecorder, RouteReplay, ensure_replay_supported,
                               routes_to_batch)
@@ -31,9 +32,8 @@ def model(engine):
 def perturb_routers(model, scale: float = 0.5, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+        for _, gate in moe_gates(model):  # also under a peft wrapper (`...gate.base_layer`)
+            gate.weight.add_(torch.randn(gate.weight.shape, generator=gen) * scale)
 
 
 def record(model, ids) -> torch.Tensor:
@@ -149,6 +149,24 @@ def test_hf_engine_routes_align_with_grpo_batch(engine):
                                       completion_length=t_len, with_entropy=False)
     mask = batch["completion_mask"].bool()
     assert (logp[mask] - batch["rollout_logp"][mask]).abs().max() < 1e-4
+
+
+def test_a_lora_policy_records_and_replays_routes(model, engine):
+    """peft's generate calls the base model, never the wrapper's forward: routes must still be
+    recorded per call, and replay must force them on the wrapped model's training forward."""
+    from align.recipe.schema import LoraConfig
+    from align.train_utils import apply_lora
+
+    policy = apply_lora(model, LoraConfig(r=4, alpha=8))
+    lora_engine = HFEngine(policy, engine.tokenizer, record_routes=True)
+    groups = lora_engine.generate([[5, 6, 7], [8, 9]], 2, SamplingParams(temperature=1.0, max_new_tokens=6, seed=1))
+    samples = [s for g in groups for s in g]
+    assert all(s.routes is not None and s.routes.shape[0] == len(s.completion_ids) for s in samples)
+    routes = record(policy, IDS)
+    perturb_routers(policy)
+    with torch.no_grad(), RouteReplay(policy, routes) as replay, RouteRecorder(policy) as rec:
+        policy(input_ids=IDS)
+    assert torch.equal(rec.routes(), routes) and replay.mismatch() > 0.2
 
 
 def test_replay_support_by_engine():

@@ -97,6 +97,18 @@ def test_freeze_routers_removes_them_from_the_trainable_parameters(moe_dir):
     assert frozen == ["model.layers.1.mlp.gate.weight"]
 
 
+def test_freeze_routers_freezes_their_lora_factors_too(moe_dir):
+    from align.recipe.schema import LoraConfig
+    from align.train_utils import apply_lora
+
+    policy = apply_lora(load_causal_lm(moe_dir), LoraConfig(r=4, alpha=8))  # all-linear adapts the router
+    router_factors = [n for n, p in policy.named_parameters() if ".mlp.gate." in n and p.requires_grad]
+    assert len(router_factors) == 2  # lora_A, lora_B of the one MoE layer's router
+    assert freeze_routers(policy) == 2
+    assert not [n for n, p in policy.named_parameters() if ".mlp.gate." in n and p.requires_grad]
+    assert any(p.requires_grad for n, p in policy.named_parameters() if ".experts." in n)
+
+
 def test_route_mismatch_and_replay_state_logged_every_step_without_replay(tmp_path, moe_dir, prompts):
     steps = train_steps(tmp_path, moe_dir, prompts, max_steps=3, num_iterations=2)
     assert [r["moe/replay_on"] for r in steps] == [0.0, 0.0, 0.0]

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 
 import torch
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from align.errors import AlignError
 
@@ -44,9 +45,20 @@ ROUTER_WEIGHTS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def router_kind(module: torch.nn.Module) -> str:
+    """A module's class name as written, also while peft's LoRA on the router weight (`all-linear`
+    on a transformers 5 MoE) has it parametrized, which renames the class for that forward."""
+    return type_before_parametrizations(module).__name__
+
+
+def live_weights_of(gate: torch.nn.Module, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The combine weights `gate` would have returned had it chosen `indices`."""
+    return ROUTER_WEIGHTS[router_kind(gate)](gate, logits, indices)
+
+
 def moe_gates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, router) for every supported router in `model`, in forward order."""
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in ROUTER_WEIGHTS]
+    return [(n, m) for n, m in model.named_modules() if router_kind(m) in ROUTER_WEIGHTS]
 
 
 def require_gates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -62,6 +74,12 @@ def layer_label(name: str, position: int) -> int:
     """Decoder-layer index from a module name ('model.layers.3.mlp.gate' -> 3), else `position`."""
     found = re.search(r"layers\.(\d+)\.", name)
     return int(found.group(1)) if found else position
+
+
+def called_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module every forward and generate call runs through: a peft wrapper's `generate`
+    calls its base model directly, never the wrapper's own forward, so hooks go on the base."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class GateHooks:
@@ -98,7 +116,7 @@ class GateHooks:
             self.call += 1
             self.on_call(args, kwargs)
 
-        self._handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(called_model(self.model).register_forward_pre_hook(pre, with_kwargs=True))
         for position, (_, gate) in enumerate(self.gates):
             def hook(module, inputs, output, position=position):
                 return self.on_gate(position, module, inputs[0], output)

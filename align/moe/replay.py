@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from align.errors import AlignError
-from align.moe.gates import ROUTER_WEIGHTS, GateHooks
+from align.moe.gates import GateHooks, live_weights_of
 from align.moe.metrics import route_mismatch
 
 SENTINEL = -1
@@ -106,7 +106,7 @@ class RouteReplay(GateHooks):
         if not self.enforce:
             return None
         chosen = torch.where(replay[:, None], recorded, indices).to(indices.dtype)
-        live = ROUTER_WEIGHTS[type(gate).__name__](gate, logits, chosen.long()).to(weights.dtype)
+        live = live_weights_of(gate, logits, chosen.long()).to(weights.dtype)
         return logits, torch.where(replay[:, None], live, weights), chosen
 
     def mismatch(self) -> float:

@@ -70,8 +70,10 @@ class RouterLoss(GateHooks):
 
 def freeze_routers(model: torch.nn.Module) -> int:
     """Stop every MoE router's weights from training (build the optimizer after this: it skips
-    parameters without requires_grad). Returns how many tensors were frozen."""
-    params = [p for _, gate in moe_gates(model) for p in gate.parameters()]
+    parameters without requires_grad). Returns how many tensors were frozen. Under peft the
+    router is `<name>.base_layer` and its LoRA factors sit on the wrapper `<name>`: both freeze."""
+    owners = [model.get_submodule(name.removesuffix(".base_layer")) for name, _ in moe_gates(model)]
+    params = [p for owner in owners for p in owner.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     return len(params)
