@@ -97,6 +97,16 @@ def test_freeze_routers_removes_them_from_the_trainable_parameters(moe_dir):
     assert frozen == ["model.layers.1.mlp.gate.weight"]
 
 
+def test_a_lora_grpo_stage_replays_routes_and_trains_the_experts_adapters(tmp_path, moe_dir, prompts):
+    steps = train_steps(tmp_path, moe_dir, prompts, lora={"r": 4, "alpha": 8}, routing_replay=True,
+                        num_iterations=2)
+    assert [r["moe/replay_on"] for r in steps] == [1.0, 1.0]
+    assert steps[0]["moe/route_mismatch"] > 0  # μ = 2: the update moved the routers off the rollout's experts
+    before, after = load_file(moe_dir / "model.safetensors"), load_file(tmp_path / "run/rl/final/model.safetensors")
+    experts = [k for k in before if ".mlp.experts." in k]
+    assert experts and any(not torch.equal(before[k], after[k]) for k in experts)  # merged adapters moved them
+
+
 def test_freeze_routers_freezes_their_lora_factors_too(moe_dir):
     from align.recipe.schema import LoraConfig
     from align.train_utils import apply_lora
