@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from align.errors import AlignError
+from align.train_utils import base_of
 from align.sharding import DEFAULT_GROUP_BYTES, gather_full, gathered_weights, hf_name, is_sharded
 
 LATEST = "latest"
@@ -434,7 +435,7 @@ def save_gathered(out: Path, model: torch.nn.Module, tokenizer, *, merge_lora: b
             if tokenizer is not None:
                 tokenizer.save_pretrained(out)
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     aliases = {hf_name(n) for n in tied_aliases(base)}
     files: list[list[str]] = []  # tensor names of each written part
     error: BaseException | None = None

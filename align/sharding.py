@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from align.errors import AlignError
+from align.train_utils import base_of
 
 DEFAULT_GROUP_BYTES = 1 << 30  # 1 GiB of full tensors per yielded group
 
@@ -278,7 +279,7 @@ def gathered_weights(model: nn.Module, group_bytes: int = DEFAULT_GROUP_BYTES, e
     Parameters shared under two names (tied embeddings) are gathered once and yielded under both."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     state = model.state_dict(keep_vars=True)  # keep_vars: tied names map to one Parameter object
     lora = _lora_layers(model)
     is_dst = every_rank or not dist.is_initialized() or dist.get_rank() == 0

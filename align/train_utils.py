@@ -98,6 +98,12 @@ def apply_lora(model, lora, adapter_dir: str | Path | None = None, task_type: st
     return get_peft_model(model, config)
 
 
+def base_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself when unwrapped): what holds
+    the HF parameter names, and what peft's `generate` calls directly, skipping the wrapper's forward."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_trainable_model(recipe, stage, init_model: str | Path, resume_from: str | Path | None = None,
                          loader: Callable[[Path], torch.nn.Module] | None = None, task_type: str = "CAUSAL_LM"):
     """The model a stage trains: `init_model` (or the full weights of a checkpoint being resumed),

@@ -20,6 +20,7 @@ import torch
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from align.errors import AlignError
+from align.train_utils import base_of
 
 
 def _softmax_scaled(gate, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -76,12 +77,6 @@ def layer_label(name: str, position: int) -> int:
     return int(found.group(1)) if found else position
 
 
-def called_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module every forward and generate call runs through: a peft wrapper's `generate`
-    calls its base model directly, never the wrapper's own forward, so hooks go on the base."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class GateHooks:
     """Context manager: `on_gate(position, gate, hidden_states, output)` runs after every router
     call (return a replacement output or None); `on_call(args, kwargs)` before every model call."""
@@ -116,7 +111,8 @@ class GateHooks:
             self.call += 1
             self.on_call(args, kwargs)
 
-        self._handles.append(called_model(self.model).register_forward_pre_hook(pre, with_kwargs=True))
+        # on the base: peft's generate calls it directly, never the wrapper's forward
+        self._handles.append(base_of(self.model).register_forward_pre_hook(pre, with_kwargs=True))
         for position, (_, gate) in enumerate(self.gates):
             def hook(module, inputs, output, position=position):
                 return self.on_gate(position, module, inputs[0], output)
