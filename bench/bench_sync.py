@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers.workers import free_port, wait_healthy  # noqa: E402  (the tests' server helpers)
+from helpers.workers import free_port, kill_group, wait_healthy  # noqa: E402  (the tests' server helpers)
 
 
 def start_servers(model_dir: Path, engine: str, checkout: Path, count: int = 2) -> list[tuple[subprocess.Popen, str]]:
@@ -49,9 +48,7 @@ def start_servers(model_dir: Path, engine: str, checkout: Path, count: int = 2) 
 
 def stop(started: list[tuple[subprocess.Popen, str]]) -> None:
     for proc, _ in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
 
 
 def grpo(model_dir: Path, rollout: dict, args) -> list[dict]:

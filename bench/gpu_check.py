@@ -242,7 +242,8 @@ def _serve(model_dir: str, backend: str, gpu: bool, env_extra: dict) -> tuple[su
     if gpu:
         argv += ["--gpu-memory-utilization", "0.3"]
     log = open(Path(tempfile.gettempdir()) / f"gpu_check_serve_{backend}_{port}.log", "wb")  # vLLM fills pipes
-    proc = subprocess.Popen(argv, env={**child_env(), **env, **env_extra}, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, env={**child_env(), **env, **env_extra}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its EngineCore child goes with it (kill_group)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, timeout_s=600)
     return proc, url
@@ -264,7 +265,7 @@ def _nccl_figures(model_dir: str, pairs, rounds: int) -> dict:
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-    from helpers.workers import free_port
+    from helpers.workers import free_port, kill_group
     from rollout.sync_check import ProbeReference, compare
     from rollout.transfer_gloo import RoundSource
     from rollout.vllm_server import probe_logprobs
@@ -287,8 +288,7 @@ def _nccl_figures(model_dir: str, pairs, rounds: int) -> dict:
                       reference.logprobs(pairs), "bfloat16", "nccl")
         return {"nccl_sync_s": seconds, "nccl_sync_check_gap": gap}
     finally:
-        proc.kill()
-        proc.wait()
+        kill_group(proc)
 
 
 def part_transfer(args, work: Path) -> dict:
@@ -297,6 +297,7 @@ def part_transfer(args, work: Path) -> dict:
     import torch
 
     from align.models.tiny import build_tiny
+    from helpers.workers import kill_group
     from rollout.vllm_server import VLLMServers
 
     gpu = not args.cpu_smoke
@@ -320,8 +321,7 @@ def part_transfer(args, work: Path) -> dict:
         figures["gloo_gb_s"] = nbytes / figures["gloo_sync_s"] / MB
         figures["gloo_sync_check_gap"] = servers.check_sync(pairs)
     finally:
-        proc.kill()
-        proc.wait()
+        kill_group(proc)
     if gpu and torch.cuda.device_count() >= 2:
         figures |= _nccl_figures(model_dir, pairs, rounds)
         figures["nccl_gb_s"] = nbytes / figures["nccl_sync_s"] / MB
@@ -334,7 +334,10 @@ def part_transfer(args, work: Path) -> dict:
 
 
 def run_part(name: str, args, work: Path, timeout_s: float) -> dict:
-    """One part in its own process group; killed with everything it started at `timeout_s`."""
+    """One part in its own process group; killed with everything it started at `timeout_s`, and
+    anything it left behind killed when it ends."""
+    from helpers.workers import kill_group
+
     result = work / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--work", str(work), "--size", args.size,
            *(["--cpu-smoke"] if args.cpu_smoke else [])]
@@ -348,6 +351,7 @@ def run_part(name: str, args, work: Path, timeout_s: float) -> dict:
         log, _ = proc.communicate()
         return {"status": "timeout", "seconds": time.perf_counter() - start, "error": f"over its {timeout_s:.0f} s "
                 f"share of --budget-s; log tail: {log[-1500:]}"}
+    kill_group(proc)  # what the part left running (a vLLM EngineCore outlives its parent)
     out = json.loads(result.read_text()) if result.exists() else {
         "status": "failed", "error": f"exit code {proc.returncode}; log tail: {log[-3000:]}"}
     return {**out, "seconds": time.perf_counter() - start}

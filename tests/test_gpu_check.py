@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 
-def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+def _run(*args: str, timeout: int, marker: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "ALIGN_TEST_MARKER": marker,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _processes_with(marker: str, settle_s: float = 5.0) -> list[int]:
+    """Live PIDs whose environment holds `marker`, after giving killed ones `settle_s` to go."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                    found.append(int(pid))
+            except OSError:  # gone, or a zombie
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def test_without_a_gpu_it_exits_2_and_says_how_to_run(tmp_path):
@@ -48,8 +66,10 @@ def test_weight_transfer_refuses_an_unknown_backend_and_ipc_without_a_gpu():
 def test_cpu_smoke_runs_every_part_through_the_gpu_code_paths(tmp_path):
     pytest.importorskip("vllm")
     out = tmp_path / "results.json"
-    done = _run("--cpu-smoke", "--out", str(out), "--budget-s", "840", timeout=900)
+    marker = f"gpu-check-{uuid.uuid4().hex}"  # inherited by every process the script starts
+    done = _run("--cpu-smoke", "--out", str(out), "--budget-s", "840", timeout=900, marker=marker)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert _processes_with(marker) == []  # no vLLM EngineCore (1.2 GB each) outlives the run
     results = json.loads(out.read_text())
     parts = results["parts"]
     assert {name: r["status"] for name, r in parts.items()} == dict.fromkeys(("fsdp", "colocate", "transfer"), "ok")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +49,16 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> No
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not healthy after {timeout_s}s")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with `start_new_session=True` and everything in its group: killing
+    `vllm serve` alone orphans its EngineCore child, which then holds its memory until reboot."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone already
+        pass
+    proc.wait()
 
 
 def stop(workers: list[tuple[subprocess.Popen, str]]) -> None:
