@@ -29,8 +29,11 @@ import json
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from align.data.io import read_conversations, read_prompts
+from align.data.tokenize import TokenizeStats, tokenize_batch
 from align.grpo.advantages import group_scaled
 from align.grpo.batch import build_batch
 from align.grpo.logprobs import completion_logprobs
@@ -44,11 +47,6 @@ def noise_scale(small_sq: float, big_sq: float, b_small: int, b_big: int) -> dic
     g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
     return {"true_grad_sq": g2, "trace_cov": trace, "b_simple": trace / g2 if g2 > 0 else float("inf")}
-
-
-def rows(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class Probe:
@@ -93,15 +91,14 @@ class Probe:
         return self._flat_grad(), reward.nanmean().item()
 
     def sft_grad(self, batch: list[dict]) -> torch.Tensor:
-        """Gradient of the mean (per conversation) assistant-token log-likelihood of the last turn."""
-        for r in batch:
-            prompt = self.tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
-            full = self.tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False)
-            ids = torch.tensor([full])
+        """Gradient of the mean (per conversation) log-likelihood of its assistant tokens, masked as SFT masks them."""
+        encoded = tokenize_batch(self.tok, [r["messages"] for r in batch], max_seq_len=4096, overlong="truncate",
+                                 assistant_only=True, stats=TokenizeStats())
+        for row in encoded:
+            ids = torch.tensor([row["input_ids"]])
+            target = torch.tensor(row["assistant_mask"][1:], dtype=torch.bool)
             logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1], -1)
-            target = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(prompt) - 1:]
-            (target.mean() / len(batch)).backward()
+            (logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[target].mean() / len(encoded)).backward()
         return self._flat_grad()
 
     def greedy_accuracy(self, prompts: list[dict]) -> float:
@@ -113,10 +110,7 @@ class Probe:
 
     def shift(self, direction: torch.Tensor) -> None:
         with torch.no_grad():
-            offset = 0
-            for p in self.params:
-                p.add_(direction[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            vector_to_parameters(parameters_to_vector(self.params) + direction, self.params)
 
 
 def measure(grads: list[torch.Tensor], unit: int) -> dict[str, float]:
@@ -144,7 +138,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     probe = Probe(args.checkpoint, args.temperature, args.max_new_tokens, args.group_size)
-    prompts, convs = rows(args.prompts), rows(args.conversations)
+    prompts, convs = list(read_prompts(args.prompts, on_error="fail")), list(read_conversations(args.conversations))
     need = args.batches * args.batch
     if len(prompts) < need or len(convs) < need:
         raise SystemExit(f"need {need} prompts and conversations ({args.batches} batches of {args.batch}); "
@@ -159,9 +153,9 @@ def main() -> None:
     if args.heldout and args.steps and direction.norm() == 0:
         print("every group's rewards were equal, so the GRPO gradient is zero: no steps to take along it")
     elif args.heldout and args.steps:
-        heldout = rows(args.heldout)
+        heldout = list(read_prompts(args.heldout, on_error="fail"))
         direction /= direction.norm()
-        report["param_norm"] = torch.cat([p.detach().flatten() for p in probe.params]).norm().item()
+        report["param_norm"] = parameters_to_vector(probe.params).norm().item()
         report["greedy_along_grpo_gradient"] = {}
         done = 0.0
         for step in [0.0, *map(float, args.steps.split(","))]:
