@@ -109,7 +109,7 @@ def _synth(spec: SynthSpec, manifest: Manifest, console) -> None:
     if Path(spec.out).exists() and manifest.synth.get(spec.out) == key:
         return
     n = write_jsonl(generate(spec.kind, spec.n, spec.seed, form=spec.form, safety_share=spec.safety_share,
-                             max_operand=spec.max_operand), spec.out)
+                             max_operand=spec.max_operand, worked_share=spec.worked_share), spec.out)
     manifest.synth[spec.out] = key
     console.print(f"synthesised {n} {spec.kind} rows → {spec.out}")
 

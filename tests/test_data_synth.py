@@ -80,6 +80,24 @@ def test_math_prompt_form_matches_conversation_form():
         assert (prompt["answer"], prompt["difficulty"]) == (conv["answer"], conv["difficulty"])
 
 
+def test_worked_share_changes_only_how_answers_are_written():
+    worked = list(generate("math", 2000, seed=6))
+    mixed = list(generate("math", 2000, seed=6, worked_share=0.3))
+    terse = 0
+    for full, row in zip(worked, mixed):
+        assert row["messages"][0] == full["messages"][0] and row["answer"] == full["answer"]  # same problems
+        reply = row["messages"][-1]["content"]
+        if reply != full["messages"][-1]["content"]:
+            assert reply == f"The answer is {row['answer']}."  # the final sentence alone
+            terse += 1
+    assert 0.65 < terse / len(mixed) < 0.75
+    assert list(generate("math", 50, seed=6, worked_share=0.3)) == mixed[:50]  # deterministic in the seed
+    assert all(r["messages"][-1]["content"].startswith("The answer is")
+               for r in generate("math", 100, seed=6, worked_share=0.0))
+    assert list(generate("math", 100, seed=6, form="prompts", worked_share=0.3)) == \
+        list(generate("math", 100, seed=6, form="prompts"))
+
+
 def test_chat_categories_refusals_and_shapes():
     rows = list(generate("chat", 5000, seed=2, safety_share=0.2))
     categories = Counter(row["category"] for row in rows)
@@ -115,3 +133,5 @@ def test_bad_arguments_are_user_errors():
         next(generate("code", 1))
     with pytest.raises(AlignError, match="has no form 'prompts'"):
         next(generate("preference", 1, form="prompts"))
+    with pytest.raises(AlignError, match="worked_share must be between 0 and 1"):
+        next(generate("math", 1, worked_share=1.5))

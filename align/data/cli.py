@@ -118,12 +118,15 @@ def synth_cmd(
     form: Annotated[Optional[str], typer.Option("--format", help="conversations (SFT) | prompts (GRPO); preference rows are always pairs.")] = None,
     safety_share: Annotated[float, typer.Option(help="Fraction of chat/preference rows in the safety category.")] = 0.2,
     max_operand: Annotated[int, typer.Option(help="Math: largest operand of the easy a ± b problems.")] = 49,
+    worked_share: Annotated[float, typer.Option(help="Math conversations: share of answers that show their work; "
+                                                     "the rest give only 'The answer is N.'")] = 1.0,
 ) -> None:
     """Write deterministic synthetic data with known right answers, streaming to disk."""
     from align.data.io import write_rows
     from align.data.synth import generate
 
-    count = write_rows(generate(kind, n, seed, form=form, safety_share=safety_share, max_operand=max_operand), out)
+    count = write_rows(generate(kind, n, seed, form=form, safety_share=safety_share, max_operand=max_operand,
+                                worked_share=worked_share), out)
     typer.echo(f"wrote {count:,} {kind} rows to {out}")
 
 

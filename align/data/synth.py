@@ -5,7 +5,10 @@ generators whose rows follow the real schema (see `align.data.schema`) and are s
 ~2M-parameter model to learn:
 
 - ``math``: arithmetic and one- or two-step word problems with integer answers, tagged with a
-  ``difficulty``; the assistant writes one worked line, then exactly ``The answer is N.``
+  ``difficulty``; the assistant writes one worked line, then exactly ``The answer is N.`` With
+  ``worked_share`` below 1, the rest of the answers are that final sentence alone, as the
+  answer-only rows of real SFT sets are: a model trained on them shows its work only sometimes, and
+  RL can learn that showing it pays (recipes/quickstart_moe.yaml).
 - ``chat``: ``helpfulness`` conversations (benign requests, templated helpful answers) and
   ``safety`` conversations (harmful requests answered with a refusal), sometimes with a system
   prompt, sometimes multi-turn.
@@ -60,10 +63,14 @@ class MathProblem:
     def answer(self) -> int:
         return self.results()[-1]
 
+    def final_answer(self) -> str:
+        """The exact sentence the math reward looks for."""
+        return f"The answer is {self.answer}."
+
     def worked_answer(self) -> str:
-        """One worked line, then the exact sentence the math reward looks for."""
+        """One worked line, then the final sentence."""
         work = " ".join(f"{a} {op} {b} = {r}." for (a, op, b), r in zip(self.steps, self.results()))
-        return f"{work} The answer is {self.answer}."
+        return f"{work} {self.final_answer()}"
 
 
 def _easy(rng: random.Random, max_operand: int = 49) -> MathProblem:
@@ -124,13 +131,18 @@ def math_problem(rng: random.Random, max_operand: int = 49) -> MathProblem:
     return _easy(rng, max_operand) if level == "easy" else _MATH_MAKERS[level](rng)
 
 
-def _math_row(rng: random.Random, form: str, safety_share: float, max_operand: int = 49) -> Row:
+def _math_row(rng: random.Random, form: str, safety_share: float, max_operand: int = 49,
+              worked_share: float = 1.0, style: random.Random | None = None) -> Row:
+    """`style` draws whether an answer shows its work, on its own stream, so that the problems
+    (and the prompts files of the same seed) do not depend on `worked_share`."""
     problem = math_problem(rng, max_operand)
     ask = [{"role": "user", "content": problem.question}]
     meta = {"answer": str(problem.answer), "category": "math", "difficulty": problem.difficulty}
     if form == "prompts":
         return {"prompt": ask, **meta}
-    return {"messages": [*ask, {"role": "assistant", "content": problem.worked_answer()}], **meta}
+    worked = worked_share >= 1.0 or (style or rng).random() < worked_share
+    answer = problem.worked_answer() if worked else problem.final_answer()
+    return {"messages": [*ask, {"role": "assistant", "content": answer}], **meta}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +368,13 @@ _ROW_MAKERS: dict[str, Callable[[random.Random, str, float], Row]] = {
 
 
 def generate(kind: str, n: int, seed: int = 0, form: str | None = None,
-             safety_share: float = 0.2, max_operand: int = 49) -> Iterator[Row]:
+             safety_share: float = 0.2, max_operand: int = 49, worked_share: float = 1.0) -> Iterator[Row]:
     """Yield `n` rows of `kind` (math | chat | preference), deterministic in `seed`.
 
     `form` is "conversations" (``messages``; default for math and chat), "prompts" (``prompt``
     ending in a user turn, for GRPO) or "preferences" (the only form of kind preference).
     `safety_share` is the expected fraction of chat/preference rows with category "safety".
+    `worked_share` is the expected fraction of math conversations whose answer shows its work.
     """
     if kind not in FORMS:
         raise AlignError(f"unknown synthetic data kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -375,7 +388,10 @@ def generate(kind: str, n: int, seed: int = 0, form: str | None = None,
     rng = random.Random(seed)
     if max_operand < 1:
         raise AlignError(f"max_operand must be >= 1, got {max_operand}")
-    make = partial(_math_row, max_operand=max_operand) if kind == "math" else _ROW_MAKERS[kind]
+    if not 0.0 <= worked_share <= 1.0:
+        raise AlignError(f"worked_share must be between 0 and 1, got {worked_share}")
+    make = (partial(_math_row, max_operand=max_operand, worked_share=worked_share,
+                    style=random.Random(f"worked:{seed}")) if kind == "math" else _ROW_MAKERS[kind])
     for _ in range(n):
         yield make(rng, form, safety_share)
 

@@ -69,6 +69,9 @@ class SynthSpec(Strict):
     safety_share: float = Field(0.2, ge=0, le=1, description="chat and preference: expected share of rows in "
                                                               "category `safety` (harmful requests).")
     max_operand: int = Field(49, ge=1, description="Math: largest operand of the easy a ± b problems.")
+    worked_share: float = Field(1.0, ge=0, le=1, description=(
+        "Math conversations: expected share of answers that show the worked line; the rest are the final "
+        "sentence alone ('The answer is N.'), as answer-only rows in real SFT sets."))
 
 
 class DataSource(Strict):
