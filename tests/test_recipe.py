@@ -174,8 +174,8 @@ def test_readme_quickstart_command_resolves():
 
 def test_moe_quickstart_is_the_quickstart_on_deepseek_v2():
     """quickstart_moe.yaml differs from quickstart.yaml only in name, paths, architecture, replay and
-    the reasoning stage's sampling (T = 0.3 with dynamic sampling: at T = 1 the MoE model's stage
-    lost greedy accuracy, docs/benchmarks.md)."""
+    the reasoning stage's sampling and eval_steps (T = 0.3 with dynamic sampling: at T = 1 the MoE
+    model's stage lost greedy accuracy, docs/benchmarks.md)."""
     dense = load_recipe(ROOT / "recipes" / "quickstart.yaml", check_files=False).model_dump(mode="json")
     moe = load_recipe(ROOT / "recipes" / "quickstart_moe.yaml", check_files=False).model_dump(mode="json")
     moe_text = json.dumps(moe).replace("runs/quickstart-moe", "runs/quickstart")

@@ -8,7 +8,7 @@ generators whose rows follow the real schema (see `align.data.schema`) and are s
   ``difficulty``; the assistant writes one worked line, then exactly ``The answer is N.`` With
   ``worked_share`` below 1, the rest of the answers are that final sentence alone, as the
   answer-only rows of real SFT sets are: a model trained on them shows its work only sometimes, and
-  RL can learn that showing it pays (recipes/quickstart_moe.yaml).
+  RL can learn that showing it pays (docs/benchmarks.md, "MoE reasoning at T = 0.3").
 - ``chat``: ``helpfulness`` conversations (benign requests, templated helpful answers) and
   ``safety`` conversations (harmful requests answered with a refusal), sometimes with a system
   prompt, sometimes multi-turn.
@@ -133,14 +133,15 @@ def math_problem(rng: random.Random, max_operand: int = 49) -> MathProblem:
 
 def _math_row(rng: random.Random, form: str, safety_share: float, max_operand: int = 49,
               worked_share: float = 1.0, style: random.Random | None = None) -> Row:
-    """`style` draws whether an answer shows its work, on its own stream, so that the problems
-    (and the prompts files of the same seed) do not depend on `worked_share`."""
+    """`style` (None: every answer is worked) draws whether an answer shows its work, on its own
+    stream, so that the problems (and the prompts files of the same seed) do not depend on
+    `worked_share`."""
     problem = math_problem(rng, max_operand)
     ask = [{"role": "user", "content": problem.question}]
     meta = {"answer": str(problem.answer), "category": "math", "difficulty": problem.difficulty}
     if form == "prompts":
         return {"prompt": ask, **meta}
-    worked = worked_share >= 1.0 or (style or rng).random() < worked_share
+    worked = style is None or style.random() < worked_share
     answer = problem.worked_answer() if worked else problem.final_answer()
     return {"messages": [*ask, {"role": "assistant", "content": answer}], **meta}
 
@@ -390,8 +391,9 @@ def generate(kind: str, n: int, seed: int = 0, form: str | None = None,
         raise AlignError(f"max_operand must be >= 1, got {max_operand}")
     if not 0.0 <= worked_share <= 1.0:
         raise AlignError(f"worked_share must be between 0 and 1, got {worked_share}")
-    make = (partial(_math_row, max_operand=max_operand, worked_share=worked_share,
-                    style=random.Random(f"worked:{seed}")) if kind == "math" else _ROW_MAKERS[kind])
+    style = random.Random(f"worked:{seed}") if worked_share < 1.0 else None
+    make = (partial(_math_row, max_operand=max_operand, worked_share=worked_share, style=style)
+            if kind == "math" else _ROW_MAKERS[kind])
     for _ in range(n):
         yield make(rng, form, safety_share)
 
